@@ -1,0 +1,101 @@
+"""Default experiment: CSCNN (small CNN) + DCN on the embedded synthetic data.
+
+Command:
+  python -m csctr.main --config=configs/default.py --workdir=/tmp/csctr_default
+
+Config args (big_vision style) switch ablations without new files, e.g.
+  --config=configs/default.py:attention=cbam
+  --config=configs/default.py:use_image=False
+
+Expected results and wall time on 2 CPU cores: filled in from measured runs
+(see README "Results").
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default config; `arg` is 'key=value,key=value' model overrides."""
+  config = ml_collections.ConfigDict()
+  config.dataset = "synthetic"  # synthetic | fashion_mnist | byod | amazon
+  config.byod_path = ""  # directory with items.csv, impressions.csv, images
+  # Where prepared ArrayRecord shards are cached ('' -> $CSCTR_DATA_DIR or
+  # ~/.cache/csctr). Each dataset config hashes to its own subdirectory.
+  config.data_dir = ""
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.image_size = 32
+  config.data.group_size = 25  # K impressions sharing one ad image
+  config.data.groups_per_batch = 8  # G groups; B = G * K impression slots
+  config.data.unique_images = 8  # U rows of the unique-image table (>= G)
+  config.data.num_behaviors = 0  # L behaviour images per impression (DICM)
+  config.data.eval_groups_per_batch = 32
+  config.data.eval_unique_images = 32
+  config.data.worker_count = 0  # Grain worker processes (0 = in-process)
+  config.data.shuffle_seed = 0
+
+  config.synthetic = ml_collections.ConfigDict()
+  config.synthetic.num_impressions = 200_000
+  config.synthetic.num_items = 4_000
+  config.synthetic.num_users = 2_000
+  config.synthetic.num_categories = 8
+  config.synthetic.test_fraction = 0.2  # last fraction of time is test
+  config.synthetic.cold_item_fraction = 0.2  # items introduced only in test
+  config.synthetic.seed = 0
+
+  config.fashion_mnist = ml_collections.ConfigDict()
+  config.fashion_mnist.path = "/usr/share/datasets/fashion-mnist"
+  config.fashion_mnist.num_impressions = 200_000
+  config.fashion_mnist.num_users = 2_000
+  config.fashion_mnist.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.use_image = True  # False: the no-image DCN baseline
+  config.model.late_fusion = False  # True: frozen (stop-gradient) encoder
+  config.model.use_category = True  # False: every image gets the OOV category
+  config.model.backbone = "small"  # small | cnnf | resnet18
+  config.model.attention = "cscnn"  # cscnn | cscnn_channel | cscnn_spatial | cbam | se | none
+  config.model.channel_prior_dim = 8  # C' of the channel prior Ac_k
+  config.model.reduction = 4  # r of the shared channel-attention MLP
+  config.model.spatial_kernel = 7
+  config.model.visual_dim = 32  # d, the visual embedding size
+  config.model.embed_dim = 16  # ID embedding size
+  config.model.behavior_pooling = "none"  # none | sum | max | attentive | multi_query
+  config.model.head = "dcn"  # dcn | dcnv2 | lr | dnn
+  config.model.cross_layers = 3
+  config.model.cross_low_rank = 0  # dcnv2 only; 0 = full-rank matrix cross
+  config.model.mlp_dims = (128, 64)
+  config.model.dtype = "float32"  # float32 | bfloat16 (compute; params stay f32)
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.embed_optimizer = "adagrad"  # adagrad | adam | sgd
+  config.optim.embed_lr = 0.05
+  config.optim.dense_optimizer = "adamw"  # adamw | adam | sgd
+  config.optim.lr = 2e-3
+  config.optim.weight_decay = 1e-4
+  config.optim.warmup_steps = 100
+  config.optim.schedule = "cosine"  # cosine | constant
+  config.optim.clip_norm = 1.0
+
+  config.loss = "bce"  # bce | bpr
+  config.num_train_steps = 2_000
+  config.log_every = 50
+  config.eval_every = 1_000
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 2
+
+  # Device mesh: axis sizes for ('data', 'model'); -1 fills with the devices left.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1)
+  config.mesh.shard_embeddings = False  # row-shard ID tables on 'model'
+
+  if arg:
+    for item in arg.split(","):
+      key, value = item.split("=", 1)
+      field = config.model if key in config.model else config
+      if key not in field:
+        raise KeyError(f"unknown config arg {key!r}")
+      kind = type(field[key])
+      field[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return config

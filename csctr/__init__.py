@@ -1,0 +1,1 @@
+"""csctr: Category-Specific CNNs for visual-aware CTR prediction (JAX/Flax NNX)."""
