@@ -33,6 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.eval_groups_per_batch = 32
   config.data.eval_unique_images = 32
   config.data.worker_count = 0  # Grain worker processes (0 = in-process)
+  config.data.read_threads = 2  # Grain threads building batches ahead
+  config.data.prefetch_batches = 8  # batches buffered ahead per process
   config.data.shuffle_seed = 0
 
   config.synthetic = ml_collections.ConfigDict()
@@ -43,18 +45,38 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.synthetic.test_fraction = 0.2  # last fraction of time is test
   config.synthetic.cold_item_fraction = 0.2  # items introduced only in test
   config.synthetic.seed = 0
+  # Impressions generated and packed at a time: bounds prepare's memory
+  # (partial image groups carry over to the next chunk, csctr/prepare.py).
+  config.synthetic.chunk_size = 1 << 18
 
   config.fashion_mnist = ml_collections.ConfigDict()
   config.fashion_mnist.path = "/usr/share/datasets/fashion-mnist"
   config.fashion_mnist.num_impressions = 200_000
   config.fashion_mnist.num_users = 2_000
+  config.fashion_mnist.num_items = 4_000  # product images drawn from the files
+  config.fashion_mnist.test_fraction = 0.2
+  config.fashion_mnist.cold_item_fraction = 0.2  # drawn from the t10k file
+  config.fashion_mnist.chunk_size = 1 << 18
   config.fashion_mnist.seed = 0
+
+  # byod / amazon: reading config.byod_path (csctr/byod.py, docs/byod.md).
+  config.byod = ml_collections.ConfigDict()
+  config.byod.test_fraction = 0.2  # no split column: latest fraction is test
+  config.byod.seed = 0  # no split column nor timestamp: seeded row hash
+  config.byod.chunk_size = 65536  # impressions.csv rows read at a time
+  config.byod.resize = "pad"  # pad (white letterbox) | stretch | crop
+  config.byod.skip_bad_images = True  # False: a bad image is an error
+  config.byod.image_cache_mb = 512  # keep decoded images if they fit
+  config.byod.num_threads = 0  # image decoding threads (0: min(8, cpus))
 
   config.model = ml_collections.ConfigDict()
   config.model.use_image = True  # False: the no-image DCN baseline
   config.model.late_fusion = False  # True: frozen (stop-gradient) encoder
   config.model.use_category = True  # False: every image gets the OOV category
   config.model.backbone = "small"  # small | cnnf | resnet18
+  config.model.small_channels = (32, 32, 64, 64)  # small: conv widths
+  config.model.fc_dim = 4096  # cnnf: width of FC6 and FC7
+  config.model.resnet_width = 64  # resnet18: stem width (stages w,2w,4w,8w)
   config.model.attention = "cscnn"  # cscnn | cscnn_channel | cscnn_spatial | cbam | se | none
   config.model.channel_prior_dim = 8  # C' of the channel prior Ac_k
   config.model.reduction = 4  # r of the shared channel-attention MLP

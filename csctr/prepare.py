@@ -1,0 +1,414 @@
+"""Prepare step: pack a Source into image groups, write ArrayRecord + images.
+
+A prepared dataset is a directory, written once and then only read:
+
+    info.json            DataInfo fields + bayes_auc + counts + packing stats
+    images.npy           uint8 [num_items, H, W, 3], the image table (memmap)
+    item_category.npy    int32 [num_items], category row of every item
+    groups/              a TFDS dataset (tfds.builder_from_directory reads it):
+                         dataset_info.json, features.json,
+                         groups-{train,test}.array_record-00000-of-00001
+
+Each ArrayRecord record is one *image group*: up to K impressions of the same
+ad item, stored as a tf.train.Example of `tfds.features.Tensor` features
+(`group_features`): item (scalar image row), label, user_id, impression_id,
+is_cold [n], sparse [n, F], dense [n, D] (only when D > 0), behavior [n, L]
+(only when L > 0; item rows, -1 = none). Images are not in the records: an
+item's image is stored once in the image table, however many groups and
+behaviour lists refer to it, and batching gathers its rows.
+
+Packing streams (Packer): each impression chunk of the Source is sorted by
+item (stable, so time order survives inside a group) and cut into groups of
+at most K; an item's leftover partial group is carried into the next chunk
+(up to MAX_PENDING impressions), so groups fill up even when each chunk holds
+few impressions per item. Memory is bounded by a chunk plus the carried
+impressions, plus 9 bytes per test impression (true CTR, label, cold flag)
+kept to compute the exact Bayes AUC. The packing efficiency (real
+impressions / K slots) is recorded per split in info.json.
+
+Why ArrayRecord is written directly and not through a GeneratorBasedBuilder.
+TFDS works here without TensorFlow, and the builder path was tried: it
+writes correct ArrayRecord, but its writer keeps every serialized example in
+an in-memory shuffle buffer of up to 1 GB (so a 10^7-impression dataset sits
+in memory whole, even with `disable_shuffling`), then writes the data a
+second time from that buffer, and it has no hook to write the image table or
+to make the whole directory appear atomically. So the shards are written
+here with `ArrayRecordWriter` while streaming, the records are serialized by
+TFDS's own FeaturesDict, and `tfds.folder_dataset.write_metadata` adds the
+TFDS metadata: the result is an ordinary TFDS dataset that
+`tfds.builder_from_directory(path/groups).as_data_source(split)` reads.
+The pipeline reads the same records through input_pipeline.GroupSource, a
+five-times cheaper decoder of the same protos (TFDS's generic decoder is most
+of a batch's cost otherwise). TFDS cannot decode zero-width tensors, hence
+dense and behavior are left out of the records when empty.
+
+Atomicity: everything is written to a temporary sibling directory that is
+renamed into place last, so a crash mid-prepare never leaves a directory
+that looks complete; a concurrent preparer that loses the rename race just
+deletes its copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterator
+
+from absl import logging
+from array_record.python import array_record_module
+import numpy as np
+import sklearn.metrics
+import tensorflow_datasets as tfds
+
+from csctr import batch as batch_lib
+from csctr import source as source_lib
+
+# Bump when the on-disk layout changes: it is part of the cache key.
+FORMAT_VERSION = 2
+SPLITS = ("train", "test")
+INFO_FILE = "info.json"
+IMAGES_FILE = "images.npy"
+CATEGORY_FILE = "item_category.npy"
+GROUPS_DIR = "groups"
+WRITER_OPTIONS = "group_size:1,snappy"
+# Impressions of partial groups carried to the next chunk (see Packer).
+MAX_PENDING = 1 << 20
+
+
+def group_spec(num_sparse: int, num_dense: int,
+               num_behaviors: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
+  """dtype and per-impression shape of every field of a group record.
+
+  'item' is a scalar; every other field has a leading impression axis.
+  Zero-width fields are left out (TFDS cannot decode them).
+  """
+  spec = {"item": (np.int32, ()), "label": (np.float32, ()),
+          "user_id": (np.int32, ()), "impression_id": (np.int32, ()),
+          "is_cold": (np.bool_, ()), "sparse": (np.int32, (num_sparse,))}
+  if num_dense:
+    spec["dense"] = (np.float32, (num_dense,))
+  if num_behaviors:
+    spec["behavior"] = (np.int32, (num_behaviors,))
+  return spec
+
+
+def group_features(num_sparse: int, num_dense: int,
+                   num_behaviors: int) -> tfds.features.FeaturesDict:
+  """TFDS features of one image-group record."""
+  return tfds.features.FeaturesDict({
+      k: tfds.features.Tensor(shape=shape if k == "item" else (None, *shape),
+                              dtype=dtype)
+      for k, (dtype, shape) in group_spec(
+          num_sparse, num_dense, num_behaviors).items()})
+
+
+class Packer:
+  """Streams impressions into groups of <= K impressions of one item.
+
+  Each chunk is sorted by item (stable: time order survives inside an item)
+  and cut into groups. Full groups are emitted at once; an item's leftover
+  partial group waits for that item's impressions in later chunks, so
+  groups fill up even when a chunk holds only a few impressions per item
+  (10^7 impressions over 10^5 items: 0.17 of the slots filled when packing
+  each chunk alone, most of them with carry-over). At most `max_pending`
+  impressions wait; beyond that the largest partial groups go first (they
+  waste the fewest slots). `finish` emits what is left at the end of a split.
+  """
+
+  def __init__(self, group_size: int, max_pending: int = 1 << 20):
+    self.k, self.max_pending = group_size, max_pending
+    self._pending: dict[str, np.ndarray] | None = None
+
+  def add(self, chunk: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    if self._pending is not None:
+      chunk = {k: np.concatenate([self._pending[k], chunk[k]]) for k in chunk}
+      self._pending = None
+    n = len(chunk["item"])
+    if not n:
+      return
+    order = np.argsort(chunk["item"], kind="stable")
+    cols = {k: v[order] for k, v in chunk.items()}
+    items = cols["item"]
+    new_run = np.concatenate([[True], items[1:] != items[:-1]])
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+    run_len = np.diff(np.append(np.flatnonzero(new_run), n))
+    run_len = np.repeat(run_len, run_len)
+    pos = np.arange(n) - run_start
+    full = pos < run_len // self.k * self.k
+    yield from self._cut({k: v[full] for k, v in cols.items()})
+    rest = {k: v[~full] for k, v in cols.items()}  # <= 1 partial per item
+    if len(rest["item"]) > self.max_pending:
+      _, sizes = np.unique(rest["item"], return_counts=True)  # item order
+      by_size = np.argsort(-sizes, kind="stable")
+      # Keep the smallest partial groups that fit; flush the larger ones.
+      fits = np.cumsum(sizes[by_size][::-1])[::-1] <= self.max_pending
+      flush_item = np.zeros(len(sizes), bool)
+      flush_item[by_size[~fits]] = True
+      flush = np.repeat(flush_item, sizes)
+      yield from self._cut({k: v[flush] for k, v in rest.items()})
+      rest = {k: v[~flush] for k, v in rest.items()}
+    self._pending = rest
+
+  def finish(self) -> Iterator[dict[str, Any]]:
+    if self._pending is not None:
+      yield from self._cut(self._pending)
+      self._pending = None
+
+  def _cut(self, cols: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """Groups of item-sorted rows: runs cut every K rows."""
+    items, n = cols["item"], len(cols["item"])
+    if not n:
+      return
+    new_run = np.concatenate([[True], items[1:] != items[:-1]])
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+    starts = np.flatnonzero((np.arange(n) - run_start) % self.k == 0)
+    ends = np.append(starts[1:], n)
+    fields = [k for k in cols if k != "item"]
+    for s, e in zip(starts.tolist(), ends.tolist()):
+      group = {k: cols[k][s:e] for k in fields}
+      group["item"] = int(items[s])
+      yield group
+
+
+def pack_chunk(chunk: source_lib.ImpressionChunk,
+               group_size: int) -> Iterator[dict[str, Any]]:
+  """Packs one chunk on its own (no carry-over); see Packer."""
+  packer = Packer(group_size)
+  yield from packer.add(chunk)
+  yield from packer.finish()
+
+
+def _check_chunk(chunk: source_lib.ImpressionChunk,
+                 source: source_lib.Source) -> source_lib.ImpressionChunk:
+  """Validates a Source chunk and casts it to the stored dtypes."""
+  n = len(chunk["item"])
+  want = {"item": ((n,), np.int32), "label": ((n,), np.float32),
+          "user_id": ((n,), np.int32), "is_cold": ((n,), np.bool_),
+          "impression_id": ((n,), np.int32),
+          "sparse": ((n, len(source.sparse_features)), np.int32),
+          "dense": ((n, source.num_dense), np.float32)}
+  if source.num_behaviors:
+    want["behavior"] = ((n, source.num_behaviors), np.int32)
+  out = {}
+  for key, (shape, dtype) in want.items():
+    if key == "dense" and key not in chunk and not source.num_dense:
+      continue
+    if key not in chunk:
+      raise ValueError(f"{source.name}: impression chunk lacks {key!r}")
+    value = np.asarray(chunk[key])
+    if value.shape != shape:
+      raise ValueError(f"{source.name}: chunk[{key!r}] has shape "
+                       f"{value.shape}, want {shape}")
+    out[key] = value.astype(dtype, copy=False)
+  # Out-of-range rows would be clamped silently by XLA's gathers: catch here.
+  if n and (out["item"].min() < 0 or out["item"].max() >= source.num_items):
+    raise ValueError(
+        f"{source.name}: item rows outside [0, {source.num_items})")
+  if n and "behavior" in out and (out["behavior"].min() < -1 or
+                                  out["behavior"].max() >= source.num_items):
+    raise ValueError(f"{source.name}: behavior rows outside [-1, "
+                     f"{source.num_items})")
+  vocab = np.asarray(source.vocab_sizes)
+  if n and ((out["sparse"] < 0).any() or (out["sparse"] >= vocab).any()):
+    bad = np.flatnonzero(
+        ((out["sparse"] < 0) | (out["sparse"] >= vocab)).any(0))
+    raise ValueError(f"{source.name}: sparse feature(s) "
+                     f"{[source.sparse_features[i] for i in bad]} outside "
+                     f"[0, vocab_size) (vocab_sizes={tuple(vocab)})")
+  if not ((out["label"] == 0) | (out["label"] == 1)).all():
+    raise ValueError(f"{source.name}: labels must be 0 or 1")
+  if not source.num_dense:
+    out.pop("dense", None)
+  if "true_ctr" in chunk:
+    out["true_ctr"] = np.asarray(chunk["true_ctr"], np.float32)
+  return out
+
+
+def _write_images(source: source_lib.Source, tmp: str) -> dict[str, int]:
+  s = source.image_size
+  table = np.lib.format.open_memmap(
+      os.path.join(tmp, IMAGES_FILE), mode="w+", dtype=np.uint8,
+      shape=(source.num_items, s, s, 3))
+  seen = np.zeros(source.num_items, bool)
+  for rows, images in source.item_images():
+    if images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
+      raise ValueError(f"{source.name}: images must be uint8 [m, {s}, {s}, 3],"
+                       f" got {images.dtype} {images.shape}")
+    table[rows] = images
+    seen[rows] = True
+  table.flush()
+  del table
+  np.save(os.path.join(tmp, CATEGORY_FILE),
+          np.asarray(source.item_category, np.int32))
+  return {"num_items": source.num_items,
+          "items_without_image": int((~seen).sum())}
+
+
+def _write_split(source, split, group_size, features, path, scores):
+  """Packs and writes one split; returns its counters."""
+  counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
+  packer = Packer(group_size, MAX_PENDING)
+  # group_size:1 compresses every record on its own, so a random read
+  # decompresses one record; snappy decompresses faster than the default.
+  writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+  try:
+    for raw in source.impressions(split):
+      chunk = _check_chunk(raw, source)
+      if split == "test" and "true_ctr" in chunk:
+        scores.append((chunk["true_ctr"], chunk["label"], chunk["is_cold"]))
+      chunk.pop("true_ctr", None)
+      counts["impressions"] += len(chunk["item"])
+      counts["clicks"] += int(chunk["label"].sum())
+      counts["cold_impressions"] += int(chunk["is_cold"].sum())
+      for group in packer.add(chunk):
+        writer.write(features.serialize_example(group))
+        counts["groups"] += 1
+    for group in packer.finish():
+      writer.write(features.serialize_example(group))
+      counts["groups"] += 1
+  finally:
+    writer.close()
+  slots = counts["groups"] * group_size
+  counts["packing_efficiency"] = counts["impressions"] / slots if slots else 0.0
+  counts["ctr"] = counts["clicks"] / max(counts["impressions"], 1)
+  return counts
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+  if labels.size == 0 or labels.min() == labels.max():
+    return None
+  return float(sklearn.metrics.roc_auc_score(labels, scores))
+
+
+def prepare(source: source_lib.Source, path: str, *, group_size: int,
+            key: dict[str, Any] | None = None) -> str:
+  """Writes `source` as a prepared dataset at `path` (atomically).
+
+  Args:
+    source: the dataset to pack.
+    path: final directory; must not exist yet.
+    group_size: K, the most impressions per image group.
+    key: the dataset-relevant config, recorded in info.json.
+
+  Returns:
+    `path`.
+  """
+  start = time.time()
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+  try:
+    image_counts = _write_images(source, tmp)
+    features = group_features(len(source.sparse_features), source.num_dense,
+                              source.num_behaviors)
+    groups_dir = os.path.join(tmp, GROUPS_DIR)
+    os.makedirs(groups_dir)
+    splits, scores = {}, []
+    for split in SPLITS:
+      splits[split] = _write_split(source, split, group_size, features,
+                                   shard_path(tmp, split), scores)
+    tfds.folder_dataset.write_metadata(
+        data_dir=groups_dir, features=features, check_data=False,
+        split_infos=[tfds.core.SplitInfo(
+            name=s, shard_lengths=[c["groups"]], num_bytes=0)
+                     for s, c in splits.items()],
+        description="csctr image groups (see csctr/prepare.py)")
+    bayes_auc, bayes_auc_cold = source.bayes_auc, None
+    if scores:
+      ctr, label, cold = (np.concatenate(x) for x in zip(*scores))
+      if bayes_auc is None:
+        bayes_auc = _auc(label, ctr)
+      bayes_auc_cold = _auc(label[cold], ctr[cold])
+    extras = {
+        "dataset": source.name,
+        "format_version": FORMAT_VERSION,
+        "group_size": group_size,
+        "packing_efficiency": splits["train"]["packing_efficiency"],
+        "splits": splits,
+        "bayes_auc_cold": bayes_auc_cold,
+        "source_stats": dict(source.stats),
+        "prepare_seconds": round(time.time() - start, 2),
+        "config": key or {},
+        **image_counts,
+    }
+    info = batch_lib.DataInfo(
+        sparse_features=tuple(source.sparse_features),
+        vocab_sizes=tuple(int(v) for v in source.vocab_sizes),
+        num_dense=source.num_dense, num_categories=source.num_categories,
+        image_size=source.image_size, num_behaviors=source.num_behaviors,
+        bayes_auc=bayes_auc, extras=extras)
+    with open(os.path.join(tmp, INFO_FILE), "w") as f:
+      json.dump(info_to_json(info), f, indent=2, default=_json_default)
+    os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
+    try:
+      os.rename(tmp, path)
+    except OSError:
+      if not os.path.exists(os.path.join(path, INFO_FILE)):
+        raise
+      logging.info("%s was prepared concurrently; keeping that copy", path)
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("prepared %s in %.1fs: %s", path, time.time() - start, splits)
+  return path
+
+
+def _json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def info_to_json(info: batch_lib.DataInfo) -> dict[str, Any]:
+  return {
+      "sparse_features": list(info.sparse_features),
+      "vocab_sizes": list(info.vocab_sizes),
+      "num_dense": info.num_dense,
+      "num_categories": info.num_categories,
+      "image_size": info.image_size,
+      "num_behaviors": info.num_behaviors,
+      "bayes_auc": info.bayes_auc,
+      "extras": info.extras,
+  }
+
+
+def load_info(path: str) -> batch_lib.DataInfo:
+  """Reads the DataInfo of a prepared dataset."""
+  with open(os.path.join(path, INFO_FILE)) as f:
+    d = json.load(f)
+  return batch_lib.DataInfo(
+      sparse_features=tuple(d["sparse_features"]),
+      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
+      num_categories=d["num_categories"], image_size=d["image_size"],
+      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
+      extras=d["extras"])
+
+
+def cache_path(root: str, key: dict[str, Any]) -> str:
+  """Directory of the dataset described by `key` under `root`.
+
+  The name is readable (dataset, image size, K) and ends in a hash of the
+  whole key, so any dataset-relevant config change gets its own directory.
+  """
+  blob = json.dumps({"format_version": FORMAT_VERSION, **key}, sort_keys=True,
+                    default=_json_default)
+  digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+  name = f"{key['dataset']}-{key['image_size']}px-k{key['group_size']}-{digest}"
+  return os.path.join(root, name)
+
+
+def is_prepared(path: str) -> bool:
+  """A directory is complete iff info.json exists (it is renamed in last)."""
+  return os.path.isfile(os.path.join(path, INFO_FILE))
+
+
+def shard_path(path: str, split: str) -> str:
+  return os.path.join(path, GROUPS_DIR,
+                      f"groups-{split}.array_record-00000-of-00001")

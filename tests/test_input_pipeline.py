@@ -1,0 +1,172 @@
+"""Tests for the Grain pipeline (csctr.input_pipeline): shapes, coverage, state."""
+
+import json
+import os
+
+from etils import epath
+import grain
+import numpy as np
+import pytest
+
+from csctr import batch as batch_lib
+from csctr import input_pipeline
+from csctr import prepare
+from csctr import synthetic
+from tests.test_synthetic import tiny_config
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+  config = tiny_config(tmp_path_factory.mktemp("data"), num_behaviors=3)
+  config.data.groups_per_batch, config.data.unique_images = 4, 8
+  config.data.eval_groups_per_batch, config.data.eval_unique_images = 8, 16
+  path = input_pipeline.prepare_dataset(config)
+  source = synthetic.make_source(config)
+  truth = {}
+  for split in ("train", "test"):
+    chunks = list(source.impressions(split))
+    truth[split] = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  return config, path, input_pipeline.load_info(path), truth
+
+
+def _groups_of(batches):
+  """Impression ids of every group slot, in order (padding groups skipped)."""
+  out = []
+  for b in batches:
+    for ids in b["impression_id"].reshape(-1, K):
+      if ids[0] >= 0:
+        out.append(ids[ids >= 0])
+  return out
+
+
+def _check_batch(b, info, g, u, truth, table):
+  want = batch_lib.batch_shapes(info, g, K, u)
+  assert set(b) == set(want)
+  for key, (shape, dtype) in want.items():
+    assert b[key].shape == shape and b[key].dtype == dtype, key
+  real = b["weight"] > 0
+  assert ((b["impression_id"] >= 0) == real).all()
+  ids = b["impression_id"][real] - truth["impression_id"][0]  # contiguous
+  np.testing.assert_array_equal(b["label"][real], truth["label"][ids])
+  np.testing.assert_array_equal(b["sparse"][real], truth["sparse"][ids])
+  np.testing.assert_array_equal(b["user_id"][real], truth["user_id"][ids])
+  np.testing.assert_array_equal(b["is_cold"][real], truth["is_cold"][ids])
+  # Every impression sees its own ad image, and its category.
+  rows = b["ad_image"][real]
+  assert b["image_mask"][rows].all()
+  np.testing.assert_array_equal(b["images"][rows], table[truth["item"][ids]])
+  np.testing.assert_array_equal(b["image_category"][rows], b["sparse"][real, 2])
+  # Kept behaviour slots point at the right image; dropped ones are masked.
+  beh, mask = truth["behavior"][ids], b["behavior_mask"][real]
+  assert not (mask & (beh < 0)).any()
+  picked = b["behavior_images"][real][mask]
+  assert b["image_mask"][picked].all()
+  np.testing.assert_array_equal(b["images"][picked], table[beh[mask]])
+  assert not b["label"][~real].any() and not b["behavior_mask"][~real].any()
+
+
+def test_train_epoch_has_every_impression_once_and_fixed_shapes(ds):
+  config, path, info, truth = ds
+  table = np.load(os.path.join(path, prepare.IMAGES_FILE))
+  n_groups = len(input_pipeline.groups_source(path, "train"))
+  it = input_pipeline.train_iterator(config, path)
+  batches = [next(it) for _ in range(2 * n_groups // 4 + 2)]
+  for b in batches:
+    _check_batch(b, info, 4, 8, truth["train"], table)
+  groups = _groups_of(batches)
+  epochs = [np.concatenate(groups[e * n_groups:(e + 1) * n_groups])
+            for e in range(2)]
+  for ids in epochs:
+    np.testing.assert_array_equal(np.sort(ids), truth["train"]["impression_id"])
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+  again = input_pipeline.train_iterator(config, path)
+  np.testing.assert_array_equal(next(again)["impression_id"],
+                                batches[0]["impression_id"])  # deterministic
+  config.data.shuffle_seed = 1
+  other = input_pipeline.train_iterator(config, path)
+  assert not np.array_equal(next(other)["impression_id"],
+                            batches[0]["impression_id"])
+  config.data.shuffle_seed = 0
+
+
+def test_eval_has_every_impression_once(ds):
+  config, path, info, truth = ds
+  table = np.load(os.path.join(path, prepare.IMAGES_FILE))
+  batches = list(input_pipeline.eval_batches(config, path))
+  for b in batches:
+    _check_batch(b, info, 8, 16, truth["test"], table)
+  ids = np.concatenate([b["impression_id"][b["weight"] > 0] for b in batches])
+  np.testing.assert_array_equal(np.sort(ids), truth["test"]["impression_id"])
+  assert batches[-1]["weight"].min() == 0  # padded last batch
+  assert truth["test"]["is_cold"].any() and len(ids) == 400
+
+
+def test_restored_iterator_yields_the_same_next_batches(ds, tmp_path):
+  config, path, _, _ = ds
+  it = input_pipeline.train_iterator(config, path)
+  for _ in range(7):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # as Orbax stores it
+  handler = grain.checkpoint.CheckpointHandler()
+  handler.save(epath.Path(tmp_path), item=it)
+  want = [next(it) for _ in range(3)]
+  for restore in ("set_state", "orbax_handler"):
+    fresh = input_pipeline.train_iterator(config, path)
+    if restore == "set_state":
+      fresh.set_state(state)
+    else:
+      fresh = handler.restore(epath.Path(tmp_path), item=fresh)
+    for w in want:
+      got = next(fresh)
+      for key in w:
+        np.testing.assert_array_equal(got[key], w[key], err_msg=key)
+
+
+def test_process_shards_are_disjoint_and_cover(ds):
+  config, path, info, truth = ds
+  n_groups = len(input_pipeline.groups_source(path, "train"))
+  seen, eval_seen, eval_counts = [], [], []
+  for p in range(2):
+    it = input_pipeline.train_iterator(config, path, p, 2)
+    mine = len(range(p, n_groups, 2))
+    batches = [next(it) for _ in range(-(-mine // 2))]
+    assert batches[0]["ad_image"].shape == (2 * K,)  # G = 4 / 2 per process
+    seen.append(np.concatenate(_groups_of(batches)[:mine]))
+    ev = list(input_pipeline.eval_batches(config, path, "test", p, 2))
+    eval_counts.append(len(ev))
+    assert ev[0]["images"].shape[0] == 8
+    eval_seen.append(np.concatenate([b["impression_id"][b["weight"] > 0]
+                                     for b in ev]))
+  for split, parts in (("train", seen), ("test", eval_seen)):
+    assert not np.intersect1d(parts[0], parts[1]).size
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)),
+                                  truth[split]["impression_id"])
+  assert eval_counts[0] == eval_counts[1]  # lockstep across processes
+  with pytest.raises(ValueError, match="divisible"):
+    input_pipeline.train_iterator(config, path, 0, 3)
+
+
+def test_behavior_overflow_is_masked_and_counted(ds):
+  config, path, info, truth = ds
+  src = input_pipeline.groups_source(path, "train")
+  groups = [src[i] for i in range(4)]
+  tight = input_pipeline.Collator(path, info, 4, K, 4)  # no room but ads
+  b = tight(groups)
+  refs = np.concatenate([g["behavior"].reshape(-1) for g in groups])
+  ads = np.unique([g["item"] for g in groups])
+  valid = refs[refs >= 0]
+  # Rows left after the ads go to the most referenced behaviour images.
+  items, counts = np.unique(valid[~np.isin(valid, ads)], return_counts=True)
+  top = items[np.lexsort((items, -counts))][:4 - len(ads)]
+  kept = np.isin(valid, ads) | np.isin(valid, top)
+  assert tight.stats["behavior_refs"] == valid.size
+  assert tight.stats["dropped_behavior_refs"] == (~kept).sum() > 0
+  assert b["behavior_mask"].sum() == kept.sum()
+  roomy = input_pipeline.Collator(path, info, 4, K, 64)
+  b = roomy(groups)
+  assert roomy.stats["dropped_behavior_refs"] == 0
+  assert b["behavior_mask"].sum() == valid.size
+  est = input_pipeline.behavior_overflow(config, path, num_batches=5)
+  assert 0 <= est["dropped_fraction"] <= 1 and est["behavior_refs"] > 0
