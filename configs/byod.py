@@ -1,0 +1,24 @@
+"""CSCNN + DCN on your own data: a directory of items, impressions and images.
+
+Command:
+  python -m csctr.main --config=configs/byod.py:byod_path=/data/my_shop \
+      --workdir=/tmp/csctr_my_shop
+
+(or --config=configs/byod.py --config.byod_path=/data/my_shop). The layout
+of the directory (items.csv, impressions.csv, images/) and how it is read are
+in docs/byod.md. Real photos carry more detail than the synthetic images, so
+images are stored at 64 px; the paper's CNN-F backbone is one arg away:
+  --config=configs/byod.py:byod_path=/data/my_shop,backbone=cnnf
+(slow on CPU; meant for accelerators). There is no Bayes AUC for real data.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = default.get_config(arg)
+  config.dataset = "byod"
+  config.data.image_size = 64
+  return config

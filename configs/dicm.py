@@ -1,0 +1,28 @@
+"""DICM (Ge et al., CIKM 2018): the user's behaviour images, embedded by CSCNN.
+
+Command:
+  python -m csctr.main --config=configs/dicm.py --workdir=/tmp/csctr_dicm
+
+The synthetic data with each impression's last 5 clicked items as behaviour
+images, pooled with an attention unit queried by the ad image (DIN-style).
+The other poolings are one arg away:
+  --config=configs/dicm.py:behavior_pooling=multi_query   (ad image + ad ID)
+  --config=configs/dicm.py:behavior_pooling=sum           (or max)
+Ad and behaviour images share one unique-image table per batch (Alibaba's
+AMS), so unique_images is raised to make room; behaviour references that do
+not fit are masked and counted (csctr.input_pipeline.behavior_overflow).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = default.get_config(arg)
+  config.data.num_behaviors = 5
+  config.data.unique_images = 128
+  config.data.eval_unique_images = 256
+  if "behavior_pooling" not in (arg or ""):  # an explicit arg wins
+    config.model.behavior_pooling = "attentive"
+  return config

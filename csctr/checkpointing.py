@@ -1,0 +1,151 @@
+"""Checkpoints: train state and data-iterator position, committed together.
+
+Layout under WORKDIR/checkpoints (one Orbax CheckpointManager):
+
+    <step>/state/   train state pytree (params, opt_state, rest, step, rng),
+                    Orbax PyTree format, each array written from its shards
+    <step>/data/    process_<i>-of-<n>.json: the Grain iterator state of every
+                    process (grain.checkpoint.CheckpointHandler's format)
+    <step>.orbax-checkpoint-tmp*   a save in flight; never read
+
+Exact resume rests on three facts. (1) Orbax writes into a tmp directory and
+renames it only after every item is on disk, so a process killed mid-save
+leaves no directory that `latest_step` lists; `cleanup_tmp_directories` deletes
+the debris on the next start. (2) The iterator position is captured in the
+caller's thread at `save` time, together with the arrays (Orbax copies device
+arrays to host before `save` returns, so donating them afterwards is safe),
+while the writing itself runs in the background. (3) The state and the data
+position belong to the same step, so the resumed run sees exactly the batches
+the uninterrupted run would have seen next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain.checkpoint as grain_ckpt
+import jax
+import orbax.checkpoint as ocp
+
+# Test hook: "STEP:MARKER" makes the save of checkpoint STEP touch MARKER and
+# hang inside the save (after the tmp directory exists, before the rename), so
+# a test can SIGKILL the process deterministically mid-save.
+HANG_ENV = "CSCTR_TEST_HANG_IN_SAVE"
+
+
+class _StateSnapshot:
+  """An iterator state frozen at save time, in the shape Grain's handler reads.
+
+  Grain's handler calls item.get_state() when it runs; handing it the live
+  iterator would make the saved position depend on when Orbax schedules the
+  write. Non-DatasetIterator items are read as get_state() -> bytes.
+  """
+
+  def __init__(self, state: dict[str, Any]):
+    self._encoded = json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._encoded
+
+
+class IteratorHandler(grain_ckpt.CheckpointHandler):
+  """grain.checkpoint.CheckpointHandler plus the mid-save test hook."""
+
+  def save(self, directory: epath.Path, item: Any = None, args: Any = None):
+    hang = os.environ.get(HANG_ENV)
+    if hang:
+      step, marker = hang.split(":", 1)
+      # directory is <root>/<step>.orbax-checkpoint-tmp*/data.
+      if epath.Path(directory).parent.name.split(".")[0] == step:
+        epath.Path(marker).write_text(str(directory))
+        time.sleep(3600)
+    super().save(directory, item=item, args=args)
+
+  def restore(self, directory: epath.Path, item: Any = None,
+              args: Any = None) -> Any:
+    """Rewinds the iterator; the file is always JSON (see _StateSnapshot).
+
+    Grain's own restore picks JSON or bytes by the iterator's class; reading
+    JSON here serves every iterator with get_state()/set_state() of dicts.
+    """
+    item = item if item is not None else args.item
+    index, count = jax.process_index(), jax.process_count()
+    path = epath.Path(directory) / f"process_{index}-of-{count}.json"
+    if not path.exists():
+      raise ValueError(f"no iterator state {path}: was the checkpoint written "
+                       f"by a run with another process count than {count}?")
+    item.set_state(json.loads(path.read_text()))
+    return item
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) pairs in `directory`."""
+
+  def __init__(self, directory: str | os.PathLike[str], keep: int,
+               async_save: bool = True):
+    self._manager = ocp.CheckpointManager(
+        epath.Path(directory),
+        item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    """Last committed step; tmp directories of interrupted saves don't count."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, iterator: Any) -> None:
+    """Starts saving; returns once the arrays and iterator state are copied."""
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=IteratorSave(_StateSnapshot(iterator.get_state()))),
+        force=True)  # never let a save still in flight skip this one
+
+  def restore(self, step: int, abstract_state: Any, iterator: Any) -> Any:
+    """Train state of `step`, placed per abstract_state's shardings.
+
+    `iterator` is rewound in place to the position saved with that state.
+    """
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=IteratorRestore(iterator)))
+    logging.info("Restored step %d from %s", step, self._manager.directory)
+    return restored["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target sharding, for StandardRestore."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
