@@ -24,7 +24,8 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
+        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
         "plots": ["matplotlib>=3.8,<4"],
+        "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
     },
 )
