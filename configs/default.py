@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fashion_mnist.cold_item_fraction = 0.2  # drawn from the t10k file
   config.fashion_mnist.chunk_size = 1 << 18
   config.fashion_mnist.seed = 0
+  # Principal components of each category's images that the simulated visual
+  # score mixes (csctr/fashion_mnist.py says why 3).
+  config.fashion_mnist.visual_components = 3
 
   # byod / amazon: reading config.byod_path (csctr/byod.py, docs/byod.md).
   config.byod = ml_collections.ConfigDict()
@@ -72,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.use_image = True  # False: the no-image DCN baseline
   config.model.late_fusion = False  # True: frozen (stop-gradient) encoder
+  # Workdir of a finished run whose image-encoder params initialise this one
+  # ('' = random init); with late_fusion, a pretrained frozen CNN.
+  config.model.encoder_init = ""
   config.model.use_category = True  # False: every image gets the OOV category
   config.model.backbone = "small"  # small | cnnf | resnet18
   config.model.small_channels = (32, 32, 64, 64)  # small: conv widths
@@ -111,6 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.shape = (-1, 1)
   config.mesh.shard_embeddings = False  # row-shard ID tables on 'model'
+  # FSDP: shard every leaf of >= fsdp_min_size elements (params and optimizer
+  # slots) along its largest dim that divides over 'data' (csctr/train.py,
+  # SHARDING_RULES); smaller ones stay replicated.
+  config.mesh.fsdp = False
+  config.mesh.fsdp_min_size = 1 << 18
 
   if arg:
     for item in arg.split(","):

@@ -149,3 +149,34 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
+
+
+def restore_items(directory: str | os.PathLike[str], abstract: dict[str, Any],
+                  step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Some top-level entries of a saved train state (e.g. params), read-only.
+
+  For inference (csctr.export, csctr.serving): only the keys of `abstract`
+  (a dict of ShapeDtypeStruct trees with shardings) are read, so the
+  optimizer moments never load. The manager neither creates directories nor
+  cleans up tmp directories, so it is safe beside a trainer that is saving.
+
+  Returns:
+    (restored entries, step); step defaults to the latest committed one.
+  """
+  manager = ocp.CheckpointManager(
+      epath.Path(directory), item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(
+          create=False, cleanup_tmp_directories=False, read_only=True,
+          save_interval_steps=0))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no committed checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract))))
+  finally:
+    manager.close()
+  return dict(restored["state"]), int(step)

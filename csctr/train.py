@@ -10,8 +10,10 @@ Sections: mesh, data, model and optimizer, step, restore, evals, loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -31,9 +33,15 @@ from csctr import input_pipeline
 from csctr import metrics as metrics_lib
 from csctr import models
 from csctr import optim
+from csctr import prepare as prepare_lib
 
 State = dict[str, Any]
 METRICS_FILE = "eval_metrics.jsonl"
+# The run's config and DataInfo, written at every start: what restore_model
+# (export, serving) needs to rebuild the model without the config file or
+# the prepared dataset.
+CONFIG_FILE = "config.json"
+DATA_INFO_FILE = "data_info.json"
 
 # ---------------------------------------------------------------- mesh
 
@@ -59,28 +67,99 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                        devices=jax.devices()[:used] if used < n else None)
 
 
-def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
-                   mesh: jax.sharding.Mesh, shard_embeddings: bool) -> P:
-  """Sharding rule for any train-state leaf (params and optimizer moments).
+# The sharding table: (path regex, config.mesh switch, spec), first match
+# wins. A leaf's path is its key path joined by '/', e.g.
+# 'params/id_embed/user_id/embedding'; optimizer slots end with their
+# parameter's path ('opt_state/.../sum_of_squares/id_embed/user_id/embedding'),
+# so they always follow their parameter. A rule is skipped when its switch is
+# off or its spec does not split the leaf evenly (XLA needs even shards), so
+# e.g. a table whose rows do not divide over 'model' falls through.
+FSDP = "fsdp"  # spec placeholder: the largest dim that divides over 'data'
+SHARDING_RULES: tuple[tuple[str, str | None, P | str], ...] = (
+    # ID tables: rows over 'model' (the large, sparsely updated part).
+    (r"(^|/)id_embed/[^/]+/embedding$", "shard_embeddings", P("model", None)),
+    # Dense leaves of at least mesh.fsdp_min_size elements: FSDP over 'data'.
+    (r"", "fsdp", FSDP),
+    # Everything else: replicated (plain data parallelism).
+    (r"", None, P()),
+)
+FSDP_MIN_SIZE = 1 << 18  # elements (1 MiB in f32): smaller leaves replicate
 
-  Everything is replicated (data parallelism) except, with
-  shard_embeddings, ID tables and their optimizer slots (same path, same
-  shape), which are split by rows over 'model'. A table whose rows do not
-  divide evenly stays replicated: XLA needs even shards.
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+               min_size: int) -> P | None:
+  """Largest dim that splits evenly over 'data'; None if none or too small.
+
+  Small leaves stay replicated: gathering them every step costs more
+  latency than their copies cost memory.
   """
-  if (shard_embeddings and len(shape) == 2
-      and models.param_label(path) == "embed"
-      and shape[0] % mesh.shape["model"] == 0):
-    return P("model", None)
+  d = mesh.shape["data"]
+  if d == 1 or int(np.prod(shape)) < min_size:
+    return None
+  dims = [i for i in range(len(shape)) if shape[i] % d == 0]
+  if not dims:
+    return None
+  spec = [None] * len(shape)
+  spec[max(dims, key=lambda i: shape[i])] = "data"  # ties: the first dim
+  return P(*spec)
+
+
+def _divides(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> bool:
+  if len(spec) > len(shape):
+    return False
+  return all(axis is None or shape[i] % mesh.shape[axis] == 0
+             for i, axis in enumerate(spec))
+
+
+def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
+                   mesh: jax.sharding.Mesh, shard_embeddings: bool,
+                   fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
+  """The spec of one train-state leaf (params and optimizer slots), by SHARDING_RULES."""
+  name = "/".join(str(k) for k in path)
+  switches = {"shard_embeddings": shard_embeddings, "fsdp": fsdp}
+  for pattern, switch, spec in SHARDING_RULES:
+    if switch is not None and not switches[switch]:
+      continue
+    if not re.search(pattern, name):
+      continue
+    if spec == FSDP:
+      spec = _fsdp_spec(tuple(shape), mesh, fsdp_min_size)
+    if spec is not None and _divides(spec, tuple(shape), mesh):
+      return spec
   return P()
 
 
 def state_shardings(abstract: State, mesh: jax.sharding.Mesh,
-                    shard_embeddings: bool) -> State:
+                    shard_embeddings: bool, fsdp: bool = False,
+                    fsdp_min_size: int = FSDP_MIN_SIZE) -> State:
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, partition_spec(
-          optim.key_path_to_tuple(p), x.shape, mesh, shard_embeddings)),
+          optim.key_path_to_tuple(p), x.shape, mesh, shard_embeddings, fsdp,
+          fsdp_min_size)),
       abstract)
+
+
+def mesh_shardings(abstract: State, mesh: jax.sharding.Mesh,
+                   config: ml_collections.ConfigDict) -> State:
+  """state_shardings with the switches of config.mesh."""
+  m = config.mesh
+  return state_shardings(abstract, mesh, m.shard_embeddings,
+                         m.get("fsdp", False),
+                         m.get("fsdp_min_size", FSDP_MIN_SIZE))
+
+
+def log_shardings(abstract_params: Any, shardings: Any) -> None:
+  """One line per partitioned parameter, so a run's placement is on record."""
+  replicated = 0
+  for (path, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(shardings)):
+    if all(a is None for a in s.spec):
+      replicated += 1
+    else:
+      logging.info("sharding %s %s -> %s", "/".join(
+          map(str, optim.key_path_to_tuple(path))), tuple(x.shape), s.spec)
+  logging.info("sharding: %d parameter arrays replicated", replicated)
 
 
 # ---------------------------------------------------------------- data
@@ -100,6 +179,22 @@ def check_batch_divides(config: ml_collections.ConfigDict,
     if size % d:
       raise ValueError(f"{name}={size} is not divisible by the {d} devices "
                        "of mesh axis 'data'")
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> str:
+  """Prepares the dataset once per run, not once per process.
+
+  Process 0 prepares first; the others wait at a barrier, then find the
+  shared cache (a shared filesystem) or prepare their own copy (local disks,
+  as on TPU VMs). Concurrent preparers would be safe (prepare renames a
+  finished directory into place) but would redo the same work.
+  """
+  if jax.process_count() == 1:
+    return input_pipeline.prepare_dataset(config)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  path = input_pipeline.prepare_dataset(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("csctr:prepare_dataset")
+  return path or input_pipeline.prepare_dataset(config)
 
 
 def global_batch(local: dict[str, np.ndarray],
@@ -242,6 +337,53 @@ def make_eval_step(graphdef: nnx.GraphDef):
   return step
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted train and eval steps of a config on a mesh, with their state.
+
+  The one place the step is built: the training loop and
+  benchmarks/throughput.py both use it, so the benchmark times exactly the
+  program the trainer runs.
+
+  Attributes:
+    train_step: jitted (state, batch) -> (state, metrics); donates state.
+    eval_step: jitted (state, batch) -> logits and label fields, replicated.
+    init_fn: () -> train state (trace it, or run it with init_state).
+    abstract: ShapeDtypeStructs of the train state.
+    shardings: NamedShardings of the train state (the sharding table's).
+    data_sharding: batch rows over 'data'.
+  """
+
+  train_step: Any
+  eval_step: Any
+  init_fn: Callable[[], State]
+  abstract: State
+  shardings: State
+  data_sharding: NamedSharding
+
+
+def build_steps(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
+                mesh: jax.sharding.Mesh) -> Steps:
+  """Optimizer, model and sharded, jitted steps for `config` on `mesh`."""
+  tx = make_optimizer(config)
+  graphdef = make_graphdef(config, info)
+  init_fn = make_init_fn(config, info, tx)
+  abstract = jax.eval_shape(init_fn)
+  shardings = mesh_shardings(abstract, mesh, config)
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, LOSSES[config.loss],
+                      optim.dense_schedule(config.optim, config.num_train_steps)),
+      in_shardings=(shardings, data_sharding),
+      out_shardings=(shardings, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef),
+                      in_shardings=(shardings, data_sharding),
+                      out_shardings=replicated)
+  return Steps(train_step, eval_step, init_fn, abstract, shardings,
+               data_sharding)
+
+
 # ---------------------------------------------------------------- restore
 
 
@@ -274,6 +416,87 @@ def truncate_eval_log(workdir: str, last_step: int) -> None:
   with open(path + ".tmp", "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in keep)
   os.replace(path + ".tmp", path)  # atomic: a kill here loses nothing
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def save_run_files(workdir: str, config: ml_collections.ConfigDict,
+                   info: batch_lib.DataInfo, data_path: str) -> None:
+  """Writes WORKDIR/config.json and data_info.json (+ the dataset path)."""
+  _write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                     json.loads(config.to_json_best_effort()))
+  _write_json_atomic(os.path.join(workdir, DATA_INFO_FILE),
+                     {**prepare_lib.info_to_json(info), "data_path": data_path})
+
+
+def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
+                                          batch_lib.DataInfo, str]:
+  """(config, info, prepared dataset path) of the run in `workdir`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: was {workdir} written by "
+                            "train.train_and_evaluate?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(workdir, DATA_INFO_FILE)) as f:
+    d = json.load(f)
+  info = batch_lib.DataInfo(
+      sparse_features=tuple(d["sparse_features"]),
+      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
+      num_categories=d["num_categories"], image_size=d["image_size"],
+      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
+      extras=d["extras"])
+  return config, info, d["data_path"]
+
+
+def restore_model(workdir: str, step: int | None = None
+                  ) -> tuple[models.CTRModel, ml_collections.ConfigDict,
+                             batch_lib.DataInfo, int]:
+  """(model, config, info, step) of a checkpoint (default: the latest).
+
+  For inference on this process's first device: only params and the other
+  model variables are read, not the optimizer state.
+  """
+  config, info, _ = load_run_files(workdir)
+  abstract_model = nnx.eval_shape(
+      lambda: models.build_model(config.model, info, nnx.Rngs(config.seed)))
+  graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      {"params": params, "rest": rest})
+  restored, step = checkpointing.restore_items(
+      os.path.join(workdir, "checkpoints"), abstract, step)
+  model = nnx.merge(graphdef, restored["params"], restored["rest"])
+  return model, config, info, step
+
+
+def init_encoder_from(state: State, shardings: State, source_workdir: str
+                      ) -> State:
+  """A fresh state whose image-encoder params come from another run.
+
+  config.model.encoder_init names that run's workdir; its latest checkpoint
+  must hold the same parameter tree (same model config up to late_fusion).
+  With late_fusion this is the papers' "late fusion" baseline done honestly:
+  a CNN trained elsewhere (e.g. attention=none end to end on the same train
+  split), then frozen, rather than a frozen random CNN. Only params are read;
+  the head, ID tables and optimizer state stay freshly initialised.
+  """
+  abstract = {"params": checkpointing.abstract_with_shardings(
+      state["params"], shardings["params"])}
+  restored, step = checkpointing.restore_items(
+      os.path.join(source_workdir, "checkpoints"), abstract)
+  logging.info("image encoder initialised from %s step %d", source_workdir,
+               step)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, new, old: new if models.is_encoder_param(
+          optim.key_path_to_tuple(path)) else old,
+      restored["params"], state["params"])
+  return dict(state, params=params)
 
 
 # ---------------------------------------------------------------- evals
@@ -379,27 +602,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = make_mesh(config)
   check_batch_divides(config, mesh)
   data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-  data_path = input_pipeline.prepare_dataset(config)
+  data_path = prepare_data(config)
   info = input_pipeline.load_info(data_path)
   logging.info("mesh %s; dataset %s: %s", dict(mesh.shape), data_path, info)
+  if jax.process_index() == 0:
+    save_run_files(workdir, config, info, data_path)
 
-  tx = make_optimizer(config)
-  graphdef = make_graphdef(config, info)
-  init_fn = make_init_fn(config, info, tx)
-  abstract = jax.eval_shape(init_fn)
-  shardings = state_shardings(abstract, mesh, config.mesh.shard_embeddings)
+  steps = build_steps(config, info, mesh)
+  init_fn, abstract, shardings = steps.init_fn, steps.abstract, steps.shardings
+  train_step, eval_step = steps.train_step, steps.eval_step
   num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
   logging.info("model: %d parameters", num_params)
-
-  train_step = jax.jit(
-      make_train_step(graphdef, tx, LOSSES[config.loss],
-                      optim.dense_schedule(config.optim, config.num_train_steps)),
-      in_shardings=(shardings, data_sharding),
-      out_shardings=(shardings, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef),
-                      in_shardings=(shardings, data_sharding),
-                      out_shardings=replicated)
+  log_shardings(abstract["params"], shardings["params"])
 
   train_iter = input_pipeline.train_iterator(
       config, data_path, process_index=jax.process_index(),
@@ -412,6 +626,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         abstract, shardings), train_iter)
   else:
     state = init_state(init_fn, shardings)
+    if config.model.get("encoder_init"):
+      state = init_encoder_from(state, shardings, config.model.encoder_init)
   if jax.process_index() == 0:
     truncate_eval_log(workdir, start_step)
   writer = (SummaryWriter(workdir, purge_step=start_step + 1 if start_step

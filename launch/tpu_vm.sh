@@ -12,9 +12,9 @@
 #   RUNTIME_VERSION [tpu-ubuntu2204-base]  PROJECT [gcloud's default]
 #   WORKDIR (a gs:// path; required for run)  REPO_DIR [this checkout]
 #
-# Every worker runs the same command: jax.distributed.initialize() finds the
-# other hosts of the slice by itself on Cloud TPU, so csctr.main needs no
-# coordinator flags there. --dry-run prints the commands instead of running them.
+# Every worker runs the same command, with --distributed=true: jax.distributed
+# finds the slice's other hosts by itself on Cloud TPU (no coordinator flags).
+# --dry-run prints the commands instead of running them.
 set -euo pipefail
 
 DRY_RUN=0
@@ -57,7 +57,9 @@ case "$CMD" in
   run)
     [[ "${1:-}" == "--" ]] && shift
     : "${WORKDIR:?set WORKDIR to a gs:// path shared by all workers}"
-    ssh_all "cd ~/csctr && python3 -m csctr.main --workdir=$WORKDIR $(printf '%q ' "$@")"
+    # --distributed=true: every worker joins one jax.distributed job (a
+    # pod slice is multi-host; on one host it is a harmless no-op).
+    ssh_all "cd ~/csctr && python3 -m csctr.main --distributed=true --workdir=$WORKDIR $(printf '%q ' "$@")"
     ;;
   ssh)
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" --worker=0
@@ -66,6 +68,6 @@ case "$CMD" in
     run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" --quiet
     ;;
   *)
-    sed -n '2,18p' "$0"; exit 2
+    sed -n '2,17p' "$0"; exit 2
     ;;
 esac

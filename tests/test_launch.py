@@ -37,6 +37,7 @@ def test_tpu_vm_run_passes_config_overrides_through():
   command = next(a for a in ssh if a.startswith("--command="))
   inner = shlex.split(command.split("=", 1)[1].split("&&", 1)[1])
   assert inner[:3] == ["python3", "-m", "csctr.main"]
+  assert "--distributed=true" in inner  # every worker joins one JAX job
   assert "--workdir=gs://bucket/exp1" in inner
   assert "--config=configs/default.py:attention=cbam" in inner
   assert "--config.num_train_steps=7" in inner

@@ -3,8 +3,10 @@
 Eight fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)
 exist only in a fresh process, so one subprocess runs the tiny config three
 times: on one device (the reference), data parallel on 8x1, and on 4x2 with
-the ID tables row-sharded over 'model'. Reduction order differs between
-meshes, so results agree to float tolerance, not bitwise.
+the ID tables row-sharded over 'model' and FSDP over 'data' for leaves of at
+least FSDP_MIN_SIZE elements (lowered from the default so that the tiny
+model has some). Reduction order differs between meshes, so results agree to
+float tolerance, not bitwise.
 """
 
 import json
@@ -12,11 +14,16 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from csctr import train
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+FSDP_MIN_SIZE = 256  # elements
 
 _SCRIPT = r"""
 import json, sys
@@ -33,7 +40,8 @@ for name, shape, shard in [("single", (1, 1), False), ("dp8", (8, 1), False),
   c = tiny.get_config()
   c.data_dir = data_dir
   c.num_train_steps = c.eval_every = c.checkpoint_every = 12
-  c.mesh.shape, c.mesh.shard_embeddings = shape, shard
+  c.mesh.shape, c.mesh.shard_embeddings, c.mesh.fsdp = shape, shard, shard
+  c.mesh.fsdp_min_size = FSDP_MIN_SIZE
   record = train.train_and_evaluate(c, f"{out}/{name}")
   state = ocp.PyTreeCheckpointer().restore(f"{out}/{name}/checkpoints/12/state")
   flat = {"/".join(map(str, k)): v
@@ -56,7 +64,8 @@ def results(tmp_path_factory):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.run(
-      [sys.executable, "-c", _SCRIPT, str(out),
+      [sys.executable, "-c", f"FSDP_MIN_SIZE = {FSDP_MIN_SIZE}\n" + _SCRIPT,
+       str(out),
        str(tmp_path_factory.mktemp("data"))],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -83,7 +92,7 @@ def test_sharded_run_matches_single_device(results, name):
 
 
 def test_meshes_place_state_as_configured(results):
-  res, _ = results
+  res, params = results
   assert res["single"]["devices"] == 1
   assert res["dp8"]["devices"] == 8
   def axes(spec):
@@ -93,9 +102,48 @@ def test_meshes_place_state_as_configured(results):
 
   assert {axes(s) for s in res["dp8"]["specs"].values()} == {()}
   specs = {k: axes(v) for k, v in res["dp4_mp2"]["specs"].items()}
-  # 62 user rows and 4 category rows split over model=2; 97 item rows do
-  # not divide, so that table stays replicated; dense weights replicate.
-  sharded = {k for k, v in specs.items() if v}
-  assert sharded == {k for k in specs if "id_embed" in k
-                     and ("user_id" in k or "category_id" in k)}, specs
-  assert all(specs[k] == ("model",) for k in sharded)
+  shapes = {k: v.shape for k, v in params["dp4_mp2"].items()}
+  # 62 user rows and 4 category rows split over model=2.
+  for feature in ("user_id", "category_id"):
+    assert specs[f"id_embed/{feature}/embedding/value"] == ("model",)
+  # 97 item rows do not divide over 'model': the table falls through to the
+  # FSDP rule, whose largest dim dividing over data=4 is the embedding one.
+  assert specs["id_embed/item_id/embedding/value"] == (None, "data")
+  # FSDP: the largest dim that divides over data=4, for big enough leaves.
+  assert specs["head/mlp/layers/0/kernel/value"] == ("data",)  # (24, 16)
+  # Ties go to the first dim: (3, 3, 8, 8), 576 elements; (4, 16, 16).
+  assert specs["encoder/backbone/convs/1/kernel/value"] == (None, None, "data")
+  assert specs["encoder/backbone/attns/0/spatial_prior/value"] == (
+      None, "data")
+  for key, spec in specs.items():
+    size = int(np.prod(shapes[key]))
+    if "id_embed" not in key and size < FSDP_MIN_SIZE:
+      assert spec == (), (key, shapes[key], spec)  # small: replicated
+    if "data" in spec:
+      assert size >= FSDP_MIN_SIZE and shapes[key][spec.index("data")] % 4 == 0
+  assert res["dp4_mp2"]["devices"] == 8
+
+
+def test_sharding_table_by_rule():
+  # The rules read only the axis sizes, so no devices are needed.
+  mesh = types.SimpleNamespace(shape={"data": 4, "model": 2})
+
+  def spec(path, shape, shard=True, fsdp=True, min_size=1024):
+    return train.partition_spec(tuple(path.split("/")), shape, mesh, shard,
+                                fsdp, min_size)
+
+  table = "params/id_embed/user_id/embedding"
+  slot = "opt_state/1/inner_states/embed/inner_state/0/sum_of_squares/" + table[7:]
+  assert spec(table, (1000, 16)) == P("model", None)
+  assert spec(slot, (1000, 16)) == P("model", None)  # follows its table
+  assert spec(table, (1000, 16), shard=False) == P("data", None)  # FSDP
+  assert spec(table, (1000, 16), shard=False, fsdp=False) == P()
+  # Odd rows: not over 'model'; FSDP takes the dim that divides over 'data'.
+  assert spec(table, (1001, 16)) == P(None, "data")
+  kernel = "params/head/mlp/layers/0/kernel"
+  assert spec(kernel, (96, 4096)) == P(None, "data")  # the largest dim
+  assert spec(kernel, (512, 512)) == P("data", None)  # ties: the first
+  assert spec(kernel, (1001, 999)) == P()  # nothing divides over 'data'
+  assert spec(kernel, (16, 32)) == P()  # under fsdp_min_size
+  assert spec(kernel, (96, 4096), fsdp=False) == P()
+  assert spec("params/encoder/embedding", (1000, 16)) == P("data", None)

@@ -1,0 +1,194 @@
+"""Timing the trainer's own train step on synthetic batches (shared by benchmarks).
+
+Used by benchmarks/throughput.py and benchmarks/scaling.py. The step is
+`csctr.train.build_steps(...).train_step`, the function the training loop
+runs, never a copy; batches come from `csctr.batch.dummy_batch`, random but
+of the exact shapes of a config, so the numbers measure the step alone (no
+input pipeline, no host transfers: the batch is placed on device once).
+
+Step time is the median of `runs` timed runs of `steps` steps each, after
+warm-up, each run ended by block_until_ready. FLOPs per step are XLA's cost
+analysis of the compiled step (a fused multiply-add counts 2); memory is
+XLA's static buffer assignment (arguments + outputs - donated aliases +
+temporaries), per device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from csctr import batch as batch_lib
+from csctr import input_pipeline
+from csctr import train
+
+
+def data_info(config: ml_collections.ConfigDict) -> batch_lib.DataInfo:
+  """The DataInfo of config's dataset, without preparing it when synthetic.
+
+  The synthetic generator knows its vocabularies up front (about 0.5 s), so
+  a benchmark need not write the 200k-impression dataset to disk.
+  """
+  if config.dataset == "synthetic":
+    from csctr import synthetic  # pylint: disable=g-import-not-at-top
+    source = synthetic.make_source(config)
+    return batch_lib.DataInfo(
+        sparse_features=tuple(source.sparse_features),
+        vocab_sizes=tuple(source.vocab_sizes), num_dense=source.num_dense,
+        num_categories=source.num_categories, image_size=source.image_size,
+        num_behaviors=source.num_behaviors)
+  return input_pipeline.load_info(input_pipeline.prepare_dataset(config))
+
+
+def init_state(steps: train.Steps) -> train.State:
+  """The train state, created in its shards.
+
+  Unlike train.init_state (unoptimised init program: fastest for the small
+  default model), XLA's default optimisation level here: a 10^7-row table
+  initialises in ~3 s instead of ~25 s on 2 CPU cores.
+  """
+  return jax.jit(steps.init_fn, out_shardings=steps.shardings)()
+
+
+def memory_bytes(compiled: Any) -> dict[str, int]:
+  """XLA's static memory estimate of a compiled program, per device."""
+  m = compiled.memory_analysis()
+  if m is None:  # not every backend reports it
+    return {}
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes
+           - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  return {"argument_bytes": int(m.argument_size_in_bytes),
+          "temp_bytes": int(m.temp_size_in_bytes),
+          "peak_bytes": int(total)}
+
+
+def cost(compiled: Any) -> dict[str, float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0]
+  return {"flops": float(analysis.get("flops", float("nan"))),
+          "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
+
+
+def time_train_step(config: ml_collections.ConfigDict,
+                    info: batch_lib.DataInfo, mesh: jax.sharding.Mesh, *,
+                    runs: int = 5, min_run_s: float = 1.0, warmup: int = 3,
+                    state: train.State | None = None,
+                    steps: train.Steps | None = None) -> dict[str, Any]:
+  """Median seconds per train step of `config` on `mesh`, FLOPs and memory.
+
+  Each timed run does as many steps as fill about `min_run_s` (at least
+  one), estimated from the warm-up, so fast and slow configs get equally
+  stable medians. `state` (consumed: the step donates it) and `steps` may be
+  passed to reuse them across batch shapes; the state must be the one
+  `steps` builds.
+  """
+  steps = steps or train.build_steps(config, info, mesh)
+  if state is None:
+    state = init_state(steps)
+  d = config.data
+  local = batch_lib.dummy_batch(info, d.groups_per_batch, d.group_size,
+                                d.unique_images, seed=0)
+  # Every slot a real impression (dummy_batch pads the last group): the
+  # step costs the same either way, and throughput then counts all B slots.
+  local["weight"] = np.ones_like(local["weight"])
+  batch = train.global_batch(local, steps.data_sharding)
+
+  start = time.perf_counter()
+  compiled = steps.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  start = time.perf_counter()
+  for _ in range(max(warmup, 1)):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  estimate = (time.perf_counter() - start) / max(warmup, 1)
+  per_run = max(1, math.ceil(min_run_s / max(estimate, 1e-6)))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    for _ in range(per_run):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - start) / per_run)
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"non-finite loss {loss} while timing")
+  return {"step_s": statistics.median(times), "step_s_runs": times,
+          "steps_per_run": per_run, "compile_s": compile_s,
+          **cost(compiled), **memory_bytes(compiled)}
+
+
+def _cpuinfo() -> tuple[set[str], float]:
+  flags, mhz = set(), 0.0
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags":
+          flags = set(value.split())
+        elif key == "cpu MHz":
+          mhz = max(mhz, float(value))
+  except OSError:
+    pass
+  return flags, mhz
+
+
+def cpu_peak_flops(fma_units: int = 2) -> dict[str, Any]:
+  """Theoretical fp32 peak of the cores this process may use.
+
+  peak = cores x GHz x FLOPs/cycle/core, with FLOPs/cycle = FMA units x fp32
+  SIMD lanes (16 with AVX-512, 8 with AVX2, 4 with SSE) x 2 (an FMA is a
+  multiply and an add). Cores: os.sched_getaffinity; GHz: the 'cpu MHz' of
+  /proc/cpuinfo (the nominal clock under a hypervisor: turbo is invisible);
+  FMA units per core are not in /proc/cpuinfo: 2 by default (Intel Xeon
+  Gold/Platinum, AMD Zen 4/5), 1 for parts with a single 512-bit unit.
+  """
+  flags, mhz = _cpuinfo()
+  cores = len(os.sched_getaffinity(0))
+  if "avx512f" in flags:
+    isa, lanes = "avx512f", 16
+  elif "avx2" in flags or "avx" in flags:
+    isa, lanes = "avx2" if "avx2" in flags else "avx", 8
+  else:
+    isa, lanes = "sse", 4
+  per_fma = 2 if ("fma" in flags or "avx512f" in flags) else 1
+  per_cycle = fma_units * lanes * per_fma
+  peak = cores * mhz * 1e6 * per_cycle
+  return {"cores": cores, "ghz": mhz / 1e3, "isa": isa,
+          "fma_units": fma_units, "fp32_lanes": lanes,
+          "flops_per_cycle_per_core": per_cycle, "peak_flops": peak,
+          "formula": (f"{cores} cores x {mhz / 1e3:.3f} GHz x ({fma_units} "
+                      f"FMA units x {lanes} fp32 lanes x {per_fma}) = "
+                      f"{peak / 1e9:.0f} GFLOP/s")}
+
+
+def matmul_flops(n: int = 2048, runs: int = 5) -> float:
+  """Measured fp32 FLOP/s of one large XLA matmul: a practical ceiling."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)),
+                  jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times)
+
+
+def load_average() -> float:
+  """1-minute load: these cores are shared, so results carry it."""
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return float("nan")
