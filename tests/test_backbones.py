@@ -8,6 +8,7 @@ import pytest
 
 from csctr import attention
 from csctr import backbones
+from testutil import jit_o0, rbg_rngs
 
 N, CP, R, K = 5, 4, 4, 7  # categories, C', r, spatial kernel
 KINDS = attention.ATTENTION_CHOICES
@@ -83,33 +84,6 @@ def resnet18_params(kind, s, w, d):
   return n + _fc(c_in, d)
 
 
-# Each test program runs once or twice: compiling it without LLVM
-# optimisation (as the trainer's init does) halves these tests' compile time.
-_O0 = {"xla_backend_optimization_level": 0}
-
-
-def jit_o0(fn):
-  """Like nnx.jit for fn(module, *arrays), compiled at XLA CPU opt level 0."""
-  cache = {}
-
-  def call(module, *args):
-    graphdef, state = nnx.split(module)
-    leaves, tree = jax.tree.flatten((state, args))
-    key = (graphdef, tree, tuple((x.shape, x.dtype) for x in leaves))
-    if key not in cache:
-      pure = jax.jit(lambda s, a: fn(nnx.merge(graphdef, s), *a))
-      cache[key] = pure.lower(state, args).compile(_O0)
-    return cache[key](state, args)
-
-  return call
-
-
-def _rngs(seed=0):
-  # The 'rbg' PRNG compiles its init programs several times faster than
-  # threefry on CPU; model init compiles one per parameter shape.
-  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
 def _uniform(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).uniform(size=shape),
                      jnp.float32)
@@ -117,7 +91,7 @@ def _uniform(seed, shape):
 
 def _abstract(name, kind, size, d, **kw):
   return nnx.eval_shape(lambda: backbones.build_backbone(
-      name, size, d, _spec(kind), rngs=_rngs(), **kw))
+      name, size, d, _spec(kind), rngs=rbg_rngs(), **kw))
 
 
 def _numpy_params(abstract, seed=0):
@@ -193,7 +167,7 @@ def test_spatial_priors_follow_feature_map_sizes():
 def test_output_shapes_and_dtypes(name, size, kw):
   for dtype in (jnp.float32, jnp.bfloat16):
     m = nnx.eval_shape(lambda: backbones.build_backbone(
-        name, size, 12, _spec("cscnn"), dtype=dtype, rngs=_rngs(), **kw))
+        name, size, 12, _spec("cscnn"), dtype=dtype, rngs=rbg_rngs(), **kw))
     x = jax.ShapeDtypeStruct((3, size, size, 3), dtype)
     c = jax.ShapeDtypeStruct((3,), jnp.int32)
     out = nnx.eval_shape(lambda m, x, c: m(x, c), m, x, c)
@@ -238,6 +212,6 @@ def test_max_pool_fast_path_matches_reduce_window():
 
 def test_rejects_bad_config():
   with pytest.raises(ValueError):
-    backbones.build_backbone("vgg", 32, 8, _spec("none"), rngs=_rngs())
+    backbones.build_backbone("vgg", 32, 8, _spec("none"), rngs=rbg_rngs())
   with pytest.raises(ValueError):
-    backbones.build_backbone("cnnf", 8, 8, _spec("none"), rngs=_rngs())
+    backbones.build_backbone("cnnf", 8, 8, _spec("none"), rngs=rbg_rngs())

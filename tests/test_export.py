@@ -14,23 +14,9 @@ from csctr import models
 from csctr import train
 
 
-def _trained_workdir(tmp_path_factory) -> str:
-  """A tiny trained run, shared with test_serving.py within one session."""
-  root = tmp_path_factory.getbasetemp() / "csctr_serving_run"
-  workdir = root / "run"
-  if not (workdir / "checkpoints" / "6").exists():
-    config = tiny.get_config()
-    config.data_dir = str(root / "data")
-    config.num_train_steps = 6
-    config.eval_every = 0  # one eval and one checkpoint, at step 6
-    config.checkpoint_every = 0
-    train.train_and_evaluate(config, str(workdir))
-  return str(workdir)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return _trained_workdir(tmp_path_factory)
+def workdir(trained_tiny_workdir):
+  return trained_tiny_workdir
 
 
 @pytest.fixture(scope="module")

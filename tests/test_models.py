@@ -12,6 +12,7 @@ from configs import default
 from csctr import batch as batch_lib
 from csctr import heads
 from csctr import models
+from testutil import jit_o0, rbg_rngs
 
 INFO = batch_lib.DataInfo(
     sparse_features=("user_id", "item_id", "category_id", "shop_id"),
@@ -19,32 +20,6 @@ INFO = batch_lib.DataInfo(
     num_behaviors=3)
 G, K, U = 3, 4, 6
 B = G * K
-
-
-# Each test program runs once or twice: compiling it without LLVM
-# optimisation (as the trainer's init does) halves these tests' compile time.
-_O0 = {"xla_backend_optimization_level": 0}
-
-
-def jit_o0(fn):
-  """Like nnx.jit for fn(module, *arrays), compiled at XLA CPU opt level 0."""
-  cache = {}
-
-  def call(module, *args):
-    graphdef, state = nnx.split(module)
-    leaves, tree = jax.tree.flatten((state, args))
-    key = (graphdef, tree, tuple((x.shape, x.dtype) for x in leaves))
-    if key not in cache:
-      pure = jax.jit(lambda s, a: fn(nnx.merge(graphdef, s), *a))
-      cache[key] = pure.lower(state, args).compile(_O0)
-    return cache[key](state, args)
-
-  return call
-
-
-def _rngs(seed=0):
-  # The 'rbg' PRNG compiles init programs ~10x faster than threefry on CPU.
-  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
 def _config(**overrides):
@@ -68,7 +43,7 @@ def _jnp(b):
 
 @pytest.fixture(scope="module")
 def model():
-  return models.build_model(_config(), INFO, _rngs())
+  return models.build_model(_config(), INFO, rbg_rngs())
 
 
 def _with_params_of(model, cfg):
@@ -76,7 +51,7 @@ def _with_params_of(model, cfg):
 
   Only the static config (dtype, late_fusion) differs; this skips an init.
   """
-  abstract = nnx.eval_shape(lambda: models.build_model(cfg, INFO, _rngs()))
+  abstract = nnx.eval_shape(lambda: models.build_model(cfg, INFO, rbg_rngs()))
   return nnx.merge(nnx.split(abstract)[0], nnx.state(model))
 
 
@@ -216,7 +191,7 @@ def test_late_fusion_freezes_encoder_only(model):
 def test_category_conditioning(kind, use_category, depends):
   m = models.build_model(
       _config(attention=kind, use_category=use_category, small_channels=(4,),
-              behavior_pooling="none"), INFO, _rngs())
+              behavior_pooling="none"), INFO, rbg_rngs())
   img = _batch()["images"][:1]
   emb = jit_o0(lambda m, x, c: m.encode_images(x, c))(
       m, jnp.asarray(np.concatenate([img, img])), jnp.array([1, 4], jnp.int32))
@@ -248,7 +223,7 @@ def test_bfloat16_end_to_end(model, forward):
 
 def test_no_image_baseline():
   m = models.build_model(_config(use_image=False, behavior_pooling="none"),
-                         INFO, _rngs())
+                         INFO, rbg_rngs())
   assert m.encoder is None
   b = _jnp(_batch())
   assert m.encode_images(b["images"], b["image_category"]) is None
@@ -263,7 +238,7 @@ def test_no_image_baseline():
 @pytest.mark.parametrize("head", heads.HEAD_CHOICES)
 def test_every_pooling_and_head_traces(pooling, head):
   cfg = _config(behavior_pooling=pooling, head=head, cross_low_rank=2)
-  m = nnx.eval_shape(lambda: models.build_model(cfg, INFO, _rngs()))
+  m = nnx.eval_shape(lambda: models.build_model(cfg, INFO, rbg_rngs()))
   b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch().items()}
   out = nnx.eval_shape(lambda m, b: m(b), m, b)
   assert out.shape == (B,) and out.dtype == jnp.float32
@@ -305,7 +280,7 @@ def test_behavior_pooling_masks_and_formulas():
   beh = beh.at[0, 1].set(jnp.nan)  # a masked slot may hold anything
   mask = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
   bn = np.where(mask[..., None], np.asarray(beh), 0)
-  kw = dict(dtype=jnp.float32, rngs=_rngs())
+  kw = dict(dtype=jnp.float32, rngs=rbg_rngs())
   out = {k: models.BehaviorPooling(k, 4, 3, **kw)
          for k in ("sum", "max", "attentive", "multi_query")}
   np.testing.assert_allclose(out["sum"](ad, beh, mask), bn.sum(1), rtol=1e-6)
@@ -332,13 +307,13 @@ def test_behavior_pooling_masks_and_formulas():
 
 def test_build_model_rejects_inconsistent_configs():
   with pytest.raises(ValueError):
-    models.build_model(_config(use_image=False), INFO, _rngs())
+    models.build_model(_config(use_image=False), INFO, rbg_rngs())
   with pytest.raises(ValueError):
     models.build_model(_config(), batch_lib.DataInfo(
-        INFO.sparse_features, INFO.vocab_sizes, 2, 6, 16), _rngs())
+        INFO.sparse_features, INFO.vocab_sizes, 2, 6, 16), rbg_rngs())
   with pytest.raises(KeyError):
     models.build_model(_config(behavior_pooling="multi_query"),
                        batch_lib.DataInfo(("user_id",), (5,), 0, 6, 16, 3),
-                       _rngs())
+                       rbg_rngs())
   with pytest.raises(ValueError):
-    models.build_model(_config(dtype="float16"), INFO, _rngs())
+    models.build_model(_config(dtype="float16"), INFO, rbg_rngs())

@@ -18,23 +18,9 @@ from csctr import train
 ATOL = 1e-5
 
 
-def _trained_workdir(tmp_path_factory) -> str:
-  """A tiny trained run, shared with test_export.py within one session."""
-  root = tmp_path_factory.getbasetemp() / "csctr_serving_run"
-  workdir = root / "run"
-  if not (workdir / "checkpoints" / "6").exists():
-    config = tiny.get_config()
-    config.data_dir = str(root / "data")
-    config.num_train_steps = 6
-    config.eval_every = 0  # one eval and one checkpoint, at step 6
-    config.checkpoint_every = 0
-    train.train_and_evaluate(config, str(workdir))
-  return str(workdir)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  workdir = _trained_workdir(tmp_path_factory)
+def workdir(trained_tiny_workdir):
+  workdir = trained_tiny_workdir
   if not os.path.exists(os.path.join(workdir, export.TABLES_DIR, "6")):
     export.export(workdir, progress=False)
   return workdir
