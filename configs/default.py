@@ -7,8 +7,10 @@ Config args (big_vision style) switch ablations without new files, e.g.
   --config=configs/default.py:attention=cbam
   --config=configs/default.py:use_image=False
 
-Expected results and wall time on 2 CPU cores: filled in from measured runs
-(see README "Results").
+Measured here (2 shared CPU cores, jax 0.10.2, 2000 steps): 46 s wall
+(~15 s of it compiling), test AUC 0.708, cold-item AUC 0.736, Bayes AUC 0.793.
+The no-image baseline (`:use_image=False`, 17 s): AUC 0.597, cold AUC 0.576.
+Seed-averaged ablations: docs/results.md (benchmarks/ablations.py).
 """
 
 import ml_collections
