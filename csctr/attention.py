@@ -182,12 +182,26 @@ class CategoryAttention(nnx.Module):
                         self.spatial_kernel[...].astype(x.dtype))
     return jax.nn.sigmoid(s + self.spatial_bias[...].astype(x.dtype))
 
-  def __call__(self, x: jax.Array, categories: jax.Array) -> jax.Array:
-    """F [U, H, W, C], categories int32 [U] -> F'' [U, H, W, C]."""
+  def with_maps(self, x: jax.Array, categories: jax.Array
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(F'', gates) for inspection (colabs/attention_maps.ipynb).
+
+    __call__ is this without the gates. gates: 'channel' Mc [U, C] and
+    'spatial' Ms [U, H, W], where this module has them.
+    """
     if x.shape[1:] != self.shape:
       raise ValueError(f"attention built for {self.shape}, got {x.shape[1:]}")
+    gates = {}
     if self.spec.use_channel:
-      x = x * self.channel_map(x, categories)[:, None, None, :].astype(x.dtype)
+      gates["channel"] = self.channel_map(x, categories)
+      x = x * gates["channel"][:, None, None, :].astype(x.dtype)
     if self.spec.use_spatial:
-      x = x * self.spatial_map(x, categories).astype(x.dtype)
-    return x
+      ms = self.spatial_map(x, categories)
+      gates["spatial"] = ms[..., 0]
+      x = x * ms.astype(x.dtype)
+    return x, gates
+
+  def __call__(self, x: jax.Array, categories: jax.Array) -> jax.Array:
+    """F [U, H, W, C], categories int32 [U] -> F'' [U, H, W, C]."""
+    # The gates are dead code under jit, so XLA drops them from the step.
+    return self.with_maps(x, categories)[0]

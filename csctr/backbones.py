@@ -81,11 +81,22 @@ class SmallCNN(nnx.Module):
     self.fc = nnx.Linear(c_in, out_dim, **kw)
 
   def __call__(self, x: jax.Array, categories: jax.Array) -> jax.Array:
+    return self.attention_maps(x, categories)[0]  # gates: dead code under jit
+
+  def attention_maps(self, x: jax.Array, categories: jax.Array
+                     ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    """(embedding, per-layer attention gates): __call__, with its gates kept.
+
+    For looking inside the encoder (colabs/attention_maps.ipynb); see
+    CategoryAttention.with_maps for the gates of one layer.
+    """
+    layers = []
     for conv, attn, pool in zip(self.convs, self.attns, self.pool):
-      x = attn(jax.nn.relu(conv(x)), categories)
+      x, gates = attn.with_maps(jax.nn.relu(conv(x)), categories)
+      layers.append(gates)
       if pool:
         x = max_pool(x, 2, 2)
-    return self.fc(jnp.mean(x, axis=(1, 2)))
+    return self.fc(jnp.mean(x, axis=(1, 2))), layers
 
 
 class CNNF(nnx.Module):
