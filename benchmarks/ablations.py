@@ -358,13 +358,15 @@ def claims_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- writing
 
 
-def _fmt(stat: dict[str, Any], digits: int = 4) -> str:
+def _fmt(stat: dict[str, Any], digits: int = 4, signed: bool = False) -> str:
+  """'mean ± std' ('-' when missing; the mean alone for one seed)."""
   mean, std = stat["mean"], stat["std"]
   if not np.isfinite(mean):
     return "-"
+  text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
   if not np.isfinite(std):
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return text
+  return f"{text} ± {std:.{digits}f}"
 
 
 def _fmt_ceiling(row: dict[str, Any]) -> str:
@@ -374,15 +376,6 @@ def _fmt_ceiling(row: dict[str, Any]) -> str:
   if np.isfinite(cold["mean"]):
     out += f" ({cold['mean']:.4f})"
   return out
-
-
-def _fmt_diff(stat: dict[str, Any]) -> str:
-  mean, std = stat["mean"], stat["std"]
-  if not np.isfinite(mean):
-    return "-"
-  if not np.isfinite(std):
-    return f"{mean:+.4f}"
-  return f"{mean:+.4f} ± {std:.4f}"
 
 
 def _json_safe(obj: Any) -> Any:
@@ -458,9 +451,9 @@ def markdown(result: dict[str, Any]) -> str:
       cells = []
       for m in ("auc", "cold_auc"):
         if m in c:
-          cells += [_fmt_diff(c[m]), c[m]["verdict"]]
+          cells += [_fmt(c[m], signed=True), c[m]["verdict"]]
         elif m == "cold_auc" and "cold_gap" in c:
-          cells += [_fmt_diff(c["cold_gap"]), c["cold_gap"]["verdict"]]
+          cells += [_fmt(c["cold_gap"], signed=True), c["cold_gap"]["verdict"]]
         else:
           cells += ["", ""]
       lines.append(f"| {c['claim']} | {c['dataset']} | " + " | ".join(cells)
