@@ -193,3 +193,29 @@ def test_encoder_init_loads_a_frozen_pretrained_encoder(tmp_path):
     np.testing.assert_array_equal(a, b)
   # The CTR part was trained afresh (same init seed, different features).
   assert any(not np.array_equal(a, b) for a, b in others)
+
+
+def test_readme_table_is_rewritten_between_markers(tmp_path):
+  rows = [
+      {"dataset": "synthetic", "variant": v, "auc": {"mean": a, "std": 0.01},
+       "cold_auc": {"mean": a - 0.1, "std": float("nan")},
+       "bayes_auc": {"mean": 0.8, "std": 0.0},
+       "bayes_auc_cold": {"mean": 0.81, "std": 0.0}}
+      for v, a in (("cscnn", 0.7), ("no_image", 0.6))]
+  table = ablations.readme_table(rows)
+  lines = table.splitlines()
+  assert lines[0] == "| model | synthetic AUC | synthetic cold AUC |"
+  # Variants come in the grid's order, whatever order the rows are in.
+  assert lines[2] == "| no_image | 0.600 ± 0.010 | 0.500 |"
+  assert lines[3] == "| cscnn | 0.700 ± 0.010 | 0.600 |"
+  assert lines[4] == "| Bayes-optimal | 0.800 | 0.810 |"
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{ablations.README_BEGIN}\nold table\n"
+                    f"{ablations.README_END}\noutro\n")
+  assert ablations.update_readme(str(readme), table)
+  assert readme.read_text() == (f"intro\n{ablations.README_BEGIN}\n{table}\n"
+                                f"{ablations.README_END}\noutro\n")
+  plain = tmp_path / "plain.md"
+  plain.write_text("no markers\n")
+  assert not ablations.update_readme(str(plain), table)
+  assert plain.read_text() == "no markers\n"
