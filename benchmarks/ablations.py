@@ -55,6 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from csctr import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
 METRICS = ("auc", "gauc", "cold_auc", "logloss")
 DATASETS = ("synthetic", "fashion_mnist")
 # Grid rows, weakest first. Values are config.model overrides; encoder_init
@@ -378,18 +380,6 @@ def _fmt_ceiling(row: dict[str, Any]) -> str:
   return out
 
 
-def _json_safe(obj: Any) -> Any:
-  if isinstance(obj, float) and not np.isfinite(obj):
-    return None
-  if isinstance(obj, dict):
-    return {k: _json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_json_safe(v) for v in obj]
-  if isinstance(obj, (np.floating, np.integer)):
-    return _json_safe(obj.item())
-  return obj
-
-
 def _from_json(obj: Any) -> Any:
   """None (strict JSON's NaN) back to NaN inside metric stats."""
   if isinstance(obj, dict):
@@ -564,7 +554,7 @@ def write_outputs(result: dict[str, Any], out_dir: str,
     result["figure"] = "ablations.png"
   tmp = os.path.join(out_dir, "ablations.json.tmp")
   with open(tmp, "w") as f:
-    json.dump(_json_safe(result), f, indent=1, sort_keys=True)
+    json.dump(metrics_lib.json_safe(result), f, indent=1, sort_keys=True)
   os.replace(tmp, os.path.join(out_dir, "ablations.json"))
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(markdown(result))

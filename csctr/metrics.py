@@ -142,3 +142,16 @@ class Collector:
            for k, v in self._parts.items()}
     return compute_metrics(cat["logits"], cat["label"], cat["user_id"],
                            cat["is_cold"].astype(bool), bayes_auc)
+
+
+def json_safe(obj: Any) -> Any:
+  """obj with NaN/inf as None and numpy scalars as Python: strict JSON has no NaN."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, (np.floating, np.integer)):
+    obj = obj.item()
+  if isinstance(obj, float) and not np.isfinite(obj):
+    return None
+  return obj

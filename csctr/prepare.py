@@ -61,10 +61,10 @@ from typing import Any, Iterator
 from absl import logging
 from array_record.python import array_record_module
 import numpy as np
-import sklearn.metrics
 import tensorflow_datasets as tfds
 
 from csctr import batch as batch_lib
+from csctr import metrics
 from csctr import source as source_lib
 
 # Bump when the on-disk layout changes: it is part of the cache key.
@@ -279,9 +279,9 @@ def _write_split(source, split, group_size, features, path, scores):
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-  if labels.size == 0 or labels.min() == labels.max():
-    return None
-  return float(sklearn.metrics.roc_auc_score(labels, scores))
+  """metrics.auc, with None (info.json's 'unknown') where it is undefined."""
+  value = metrics.auc(labels, scores) if labels.size else float("nan")
+  return None if np.isnan(value) else value
 
 
 def prepare(source: source_lib.Source, path: str, *, group_size: int,

@@ -515,16 +515,10 @@ def evaluate(eval_step, state: State, config: ml_collections.ConfigDict,
   return collector.compute(info.bayes_auc)
 
 
-def _json_safe(value: Any) -> Any:
-  if isinstance(value, float) and not np.isfinite(value):
-    return None  # strict JSON has no NaN
-  return value
-
-
 def write_eval(workdir: str, writer: SummaryWriter | None, step: int,
                split: str, values: dict[str, Any]) -> dict[str, Any]:
   record = {"step": step, "split": split,
-            **{k: _json_safe(v) for k, v in values.items()}}
+            **metrics_lib.json_safe(values)}
   logging.info("eval %s step %d: %s", split, step, " ".join(
       f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
       for k, v in values.items()))
@@ -668,7 +662,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # the result is the logged final eval, bit for bit, and is not re-logged.
     values = evaluate(eval_step, state, config, data_path, info, data_sharding)
     record = {"step": total, "split": "test",
-              **{k: _json_safe(v) for k, v in values.items()}}
+              **metrics_lib.json_safe(values)}
     if jax.process_index() == 0 and record not in read_eval_log(workdir):
       with SummaryWriter(workdir) as writer:
         write_eval(workdir, writer, total, "test", values)
