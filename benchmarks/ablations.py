@@ -586,14 +586,14 @@ def train_runner(config: ml_collections.ConfigDict,
                  workdir: str) -> dict[str, Any]:
   """The real runner: one training run in this process."""
   import jax  # pylint: disable=g-import-not-at-top
-  from csctr import input_pipeline  # pylint: disable=g-import-not-at-top
-  from csctr import train  # pylint: disable=g-import-not-at-top
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from csctr.training import loop as train  # pylint: disable=g-import-not-at-top
   try:
     record = train.train_and_evaluate(config, workdir)
   finally:
     jax.clear_caches()  # compiled programs of finished runs: memory only
   # The cold items' ceiling, which prepare records beside the Bayes AUC.
-  info = input_pipeline.load_info(input_pipeline.prepare_dataset(config))
+  info = pipeline.load_info(pipeline.prepare_dataset(config))
   return {**record, "bayes_auc_cold": info.extras.get("bayes_auc_cold")}
 
 

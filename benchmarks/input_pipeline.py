@@ -1,7 +1,7 @@
 r"""Throughput of the input pipeline alone (no model), at a config.
 
-  python benchmarks/input_pipeline.py --config=configs/default.py
-  python benchmarks/input_pipeline.py --config=configs/default.py \
+  python benchmarks/pipeline.py --config=configs/default.py
+  python benchmarks/pipeline.py --config=configs/default.py \
       --config.data.num_behaviors=5 --config.data.unique_images=64
 
 Prepares the dataset if it is not cached (timed), then measures, as medians
@@ -28,7 +28,8 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from csctr import input_pipeline  # pylint: disable=g-import-not-at-top
+from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+from csctr.data import prepared  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Experiment config file.",
@@ -42,7 +43,7 @@ def _time_train(config, path, runs, num_batches, warmup):
   per_batch, impressions = [], []
   for run in range(runs):
     config.data.shuffle_seed = run  # a different stretch of data each run
-    it = input_pipeline.train_iterator(config, path)
+    it = pipeline.train_iterator(config, path)
     for _ in range(warmup):
       next(it)
     real = 0.0
@@ -58,7 +59,7 @@ def _time_eval(config, path, runs):
   seconds, count = [], 0
   for _ in range(runs):
     start = time.perf_counter()
-    count = sum(1 for _ in input_pipeline.eval_batches(config, path))
+    count = sum(1 for _ in pipeline.eval_batches(config, path))
     seconds.append(time.perf_counter() - start)
   return statistics.median(seconds), count
 
@@ -67,12 +68,12 @@ def main(argv):
   del argv
   config = _CONFIG.value
   start = time.perf_counter()
-  cached = input_pipeline.prepare_lib.is_prepared(
-      input_pipeline.prepare_lib.cache_path(
-          input_pipeline.data_root(config), input_pipeline.dataset_key(config)))
-  path = input_pipeline.prepare_dataset(config)
+  cached = prepared.is_prepared(
+      prepared.cache_path(
+          pipeline.data_root(config), pipeline.dataset_key(config)))
+  path = pipeline.prepare_dataset(config)
   prepare_s = time.perf_counter() - start
-  info = input_pipeline.load_info(path)
+  info = pipeline.load_info(path)
   d = config.data
   slots = d.groups_per_batch * d.group_size
   train_s, train_imp = _time_train(config, path, _RUNS.value, _BATCHES.value,
@@ -83,7 +84,7 @@ def main(argv):
                           _WARMUP.value // 2)
   d.read_threads = threads
   eval_s, eval_batches = _time_eval(config, path, _RUNS.value)
-  overflow = input_pipeline.behavior_overflow(config, path)
+  overflow = pipeline.behavior_overflow(config, path)
   result = {
       "dataset": config.dataset, "path": path, "cached": cached,
       "prepare_s": round(prepare_s, 3),

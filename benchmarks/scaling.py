@@ -3,7 +3,7 @@ r"""Step time and memory as unique images per batch and ID-table rows grow.
   python benchmarks/scaling.py                       # ~4 min on 2 CPU cores
   python benchmarks/scaling.py --unique_images=8,32 --rows=10000,1000000
 
-Two sweeps of the trainer's own train step (csctr.train.build_steps, timed
+Two sweeps of the trainer's own train step (csctr.training.steps.build_steps, timed
 by benchmarks/step_timing.py on random batches of the right shapes):
 
 * unique images U = 8 ... 128 per batch, for the default model with its
@@ -43,8 +43,9 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
-from csctr import batch as batch_lib  # pylint: disable=g-import-not-at-top
-from csctr import train  # pylint: disable=g-import-not-at-top
+from csctr.data import batch as batch_lib  # pylint: disable=g-import-not-at-top
+from csctr.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+from csctr.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "default.py"),
@@ -77,10 +78,10 @@ def unique_images_sweep(base, sizes: list[int]) -> list[dict[str, Any]]:
   config = copy.deepcopy(base)
   config.mesh.shape = (1, 1)
   info = step_timing.data_info(config)
-  mesh = train.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config)
   # One build and one init serve every U: the jitted step retraces per
   # batch shape, and each point gets its own copy of the initial state.
-  steps = train.build_steps(config, info, mesh)
+  steps = steps_lib.build_steps(config, info, mesh)
   state0 = step_timing.init_state(steps)
   out = []
   for u in sizes:
@@ -107,7 +108,7 @@ def rows_sweep(base, rows: list[int], model_devices: int) -> list[dict[str, Any]
   config.mesh.shard_embeddings = model_devices > 1
   info = step_timing.data_info(config)
   column = info.feature_index("item_id")
-  mesh = train.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config)
   out = []
   for n in rows:
     vocab = list(info.vocab_sizes)
@@ -116,7 +117,7 @@ def rows_sweep(base, rows: list[int], model_devices: int) -> list[dict[str, Any]
         info.sparse_features, tuple(vocab), info.num_dense,
         info.num_categories, info.image_size, info.num_behaviors)
     start = time.perf_counter()
-    steps = train.build_steps(config, sized, mesh)
+    steps = steps_lib.build_steps(config, sized, mesh)
     state = step_timing.init_state(steps)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - start

@@ -51,11 +51,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 import jax
 from flax import nnx
-from csctr import export as export_lib
-from csctr import input_pipeline
-from csctr import models
+from csctr.serving import export as export_lib
+from csctr.data import pipeline
+from csctr.model import ctr
 from csctr import serving
-from csctr import train
+from csctr import rundir
 # pylint: enable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -83,16 +83,16 @@ _SEED = flags.DEFINE_integer("seed", 0, "Request sampling seed.")
 
 def _scorer(config_: serving.ServingConfig) -> serving.Scorer:
   if _WORKDIR.value:
-    model, run_config, info, step = train.restore_model(_WORKDIR.value)
+    model, run_config, info, step = rundir.restore_model(_WORKDIR.value)
     path = os.path.join(_WORKDIR.value, export_lib.TABLES_DIR, str(step))
     if not os.path.exists(path):
       export_lib.export(_WORKDIR.value, progress=False)
     return serving.Scorer(model, run_config.model, info,
                           export_lib.EmbeddingTable(path), config_, step)
   config = _CONFIG.value
-  data_path = input_pipeline.prepare_dataset(config)
-  info = input_pipeline.load_info(data_path)
-  model = models.build_model(config.model, info, nnx.Rngs(config.seed))
+  data_path = pipeline.prepare_dataset(config)
+  info = pipeline.load_info(data_path)
+  model = ctr.build_model(config.model, info, nnx.Rngs(config.seed))
   table = None
   if model.use_image:
     tmp = tempfile.mkdtemp(prefix="csctr_serving_bench_")

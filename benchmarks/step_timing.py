@@ -1,8 +1,8 @@
 """Timing the trainer's own train step on synthetic batches (shared by benchmarks).
 
 Used by benchmarks/throughput.py and benchmarks/scaling.py. The step is
-`csctr.train.build_steps(...).train_step`, the function the training loop
-runs, never a copy; batches come from `csctr.batch.dummy_batch`, random but
+`csctr.training.steps.build_steps(...).train_step`, the function the training loop
+runs, never a copy; batches come from `csctr.data.batch.dummy_batch`, random but
 of the exact shapes of a config, so the numbers measure the step alone (no
 input pipeline, no host transfers: the batch is placed on device once).
 
@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from csctr import batch as batch_lib
-from csctr import input_pipeline
-from csctr import train
+from csctr.data import batch as batch_lib
+from csctr.data import pipeline
+from csctr.training import mesh as mesh_lib
+from csctr.training import steps as steps_lib
 
 
 def data_info(config: ml_collections.ConfigDict) -> batch_lib.DataInfo:
@@ -38,20 +39,20 @@ def data_info(config: ml_collections.ConfigDict) -> batch_lib.DataInfo:
   a benchmark need not write the 200k-impression dataset to disk.
   """
   if config.dataset == "synthetic":
-    from csctr import synthetic  # pylint: disable=g-import-not-at-top
+    from csctr.data import synthetic  # pylint: disable=g-import-not-at-top
     source = synthetic.make_source(config)
     return batch_lib.DataInfo(
         sparse_features=tuple(source.sparse_features),
         vocab_sizes=tuple(source.vocab_sizes), num_dense=source.num_dense,
         num_categories=source.num_categories, image_size=source.image_size,
         num_behaviors=source.num_behaviors)
-  return input_pipeline.load_info(input_pipeline.prepare_dataset(config))
+  return pipeline.load_info(pipeline.prepare_dataset(config))
 
 
-def init_state(steps: train.Steps) -> train.State:
+def init_state(steps: steps_lib.Steps) -> steps_lib.State:
   """The train state, created in its shards.
 
-  Unlike train.init_state (unoptimised init program: fastest for the small
+  Unlike steps_lib.init_state (unoptimised init program: fastest for the small
   default model), XLA's default optimisation level here: a 10^7-row table
   initialises in ~3 s instead of ~25 s on 2 CPU cores.
   """
@@ -81,8 +82,8 @@ def cost(compiled: Any) -> dict[str, float]:
 def time_train_step(config: ml_collections.ConfigDict,
                     info: batch_lib.DataInfo, mesh: jax.sharding.Mesh, *,
                     runs: int = 5, min_run_s: float = 1.0, warmup: int = 3,
-                    state: train.State | None = None,
-                    steps: train.Steps | None = None) -> dict[str, Any]:
+                    state: steps_lib.State | None = None,
+                    steps: steps_lib.Steps | None = None) -> dict[str, Any]:
   """Median seconds per train step of `config` on `mesh`, FLOPs and memory.
 
   Each timed run does as many steps as fill about `min_run_s` (at least
@@ -91,7 +92,7 @@ def time_train_step(config: ml_collections.ConfigDict,
   passed to reuse them across batch shapes; the state must be the one
   `steps` builds.
   """
-  steps = steps or train.build_steps(config, info, mesh)
+  steps = steps or steps_lib.build_steps(config, info, mesh)
   if state is None:
     state = init_state(steps)
   d = config.data
@@ -100,7 +101,7 @@ def time_train_step(config: ml_collections.ConfigDict,
   # Every slot a real impression (dummy_batch pads the last group): the
   # step costs the same either way, and throughput then counts all B slots.
   local["weight"] = np.ones_like(local["weight"])
-  batch = train.global_batch(local, steps.data_sharding)
+  batch = mesh_lib.global_batch(local, steps.data_sharding)
 
   start = time.perf_counter()
   compiled = steps.train_step.lower(state, batch).compile()

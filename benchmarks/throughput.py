@@ -11,8 +11,8 @@ impressions/s grows almost K-fold; the K=25 : K=1 ratio measures how much of
 that the batch contract delivers (target: >= 10x on CPU for the default
 model).
 
-What is timed is the trainer's own jitted step (csctr.train.build_steps) on
-a random batch of the right shapes (csctr.batch.dummy_batch), already on
+What is timed is the trainer's own jitted step (csctr.training.steps.build_steps) on
+a random batch of the right shapes (csctr.data.batch.dummy_batch), already on
 device: medians over --runs runs of ~--min_run_s seconds each, after
 warm-up (benchmarks/step_timing.py). FLOPs per step come from XLA's cost
 analysis of the compiled step; achieved FLOP/s is their ratio to the step
@@ -38,7 +38,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
-from csctr import train  # pylint: disable=g-import-not-at-top
+from csctr.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Experiment config file.",
@@ -67,8 +67,8 @@ def measure(base, k: int, impressions: int, dtype: str, **timing):
   config.data.groups_per_batch = config.data.unique_images = g
   config.model.dtype = dtype
   info = step_timing.data_info(config)
-  mesh = train.make_mesh(config)
-  train.check_batch_divides(config, mesh)
+  mesh = mesh_lib.make_mesh(config)
+  mesh_lib.check_batch_divides(config, mesh)
   r = step_timing.time_train_step(config, info, mesh, **timing)
   return {"K": k, "G": g, "U": g, "B": impressions, "dtype": dtype,
           "devices": mesh.size,

@@ -9,7 +9,7 @@ Commands (convert once, then train; data/amazon/README.md has the details):
 
 Every review is a positive with sampled unreviewed items as negatives. The
 loss is pairwise BPR (config.loss='bpr'; pairing documented in
-csctr.train.bpr_loss: each positive against the negatives of its user in the
+csctr.training.losses.bpr_loss: each positive against the negatives of its user in the
 batch, else all negatives of the batch). Reported like the paper: AUC over
 all test impressions and cold-item AUC (items never seen in training), plus
 GAUC (per-user AUC). The paper uses CNN-F on 224 px images; here 64 px and

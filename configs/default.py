@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.synthetic.cold_item_fraction = 0.2  # items introduced only in test
   config.synthetic.seed = 0
   # Impressions generated and packed at a time: bounds prepare's memory
-  # (partial image groups carry over to the next chunk, csctr/prepare.py).
+  # (partial image groups carry over to the next chunk, csctr/data/prepare.py).
   config.synthetic.chunk_size = 1 << 18
 
   config.fashion_mnist = ml_collections.ConfigDict()
@@ -61,10 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fashion_mnist.chunk_size = 1 << 18
   config.fashion_mnist.seed = 0
   # Principal components of each category's images that the simulated visual
-  # score mixes (csctr/fashion_mnist.py says why 3).
+  # score mixes (csctr/data/fashion_mnist.py says why 3).
   config.fashion_mnist.visual_components = 3
 
-  # byod / amazon: reading config.byod_path (csctr/byod.py, docs/byod.md).
+  # byod / amazon: reading config.byod_path (csctr/data/byod.py, docs/byod.md).
   config.byod = ml_collections.ConfigDict()
   config.byod.test_fraction = 0.2  # no split column: latest fraction is test
   config.byod.seed = 0  # no split column nor timestamp: seeded row hash
@@ -120,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.shape = (-1, 1)
   config.mesh.shard_embeddings = False  # row-shard ID tables on 'model'
   # FSDP: shard every leaf of >= fsdp_min_size elements (params and optimizer
-  # slots) along its largest dim that divides over 'data' (csctr/train.py,
+  # slots) along its largest dim that divides over 'data' (csctr/training/mesh.py,
   # SHARDING_RULES); smaller ones stay replicated.
   config.mesh.fsdp = False
   config.mesh.fsdp_min_size = 1 << 18

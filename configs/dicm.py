@@ -10,7 +10,7 @@ The other poolings are one arg away:
   --config=configs/dicm.py:behavior_pooling=sum           (or max)
 Ad and behaviour images share one unique-image table per batch (Alibaba's
 AMS), so unique_images is raised to make room; behaviour references that do
-not fit are masked and counted (csctr.input_pipeline.behavior_overflow).
+not fit are masked and counted (csctr.data.pipeline.behavior_overflow).
 """
 
 import ml_collections

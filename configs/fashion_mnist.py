@@ -19,7 +19,7 @@ seeds; Bayes AUC 0.816 (cold items 0.821). use_image=False: AUC 0.613 +-
 Tuning notes (measured, seed 0). The earlier AUC 0.640 / cold 0.525 was the
 data, not the training: the simulated visual score was a random direction in
 standardised pixel space that a small CNN could not learn from a few hundred
-images per category; csctr/fashion_mnist.py now derives it from each
+images per category; csctr/data/fashion_mnist.py now derives it from each
 category's top principal components (docs/data.md). With that, the default
 training settings are the best tried: lr 1e-3 gave 0.722 / 0.705, lr 4e-3
 diverged to worse than no image (0.578 / 0.476), and 4 000 steps overfit

@@ -24,7 +24,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from csctr import train
+from csctr.training import loop as train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (with optional :args).",

@@ -11,7 +11,7 @@ import pytest
 def trained_tiny_workdir(tmp_path_factory) -> str:
   """A tiny 6-step trained run (one eval, one checkpoint), shared by the export and serving tests."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from csctr import train  # pylint: disable=g-import-not-at-top
+  from csctr.training import loop as train  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("csctr_serving_run")
   workdir = root / "run"
   config = tiny.get_config()

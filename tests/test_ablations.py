@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from csctr import models
-from csctr import optim
-from csctr import train
+from csctr.model import ctr
+from csctr.training import optim
+from csctr import rundir
+from csctr.training import loop as train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import ablations  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -180,14 +181,14 @@ def test_encoder_init_loads_a_frozen_pretrained_encoder(tmp_path):
       config(late_fusion=True, encoder_init=source_dir), fused_dir)
 
   def params(workdir):
-    model = train.restore_model(workdir)[0]
+    model = rundir.restore_model(workdir)[0]
     return jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
 
   pairs = list(zip(params(source_dir), params(fused_dir)))
   encoder = [(a, b) for (path, a), (_, b) in pairs
-             if models.is_encoder_param(optim.key_path_to_tuple(path))]
+             if ctr.is_encoder_param(optim.key_path_to_tuple(path))]
   others = [(a, b) for (path, a), (_, b) in pairs
-            if not models.is_encoder_param(optim.key_path_to_tuple(path))]
+            if not ctr.is_encoder_param(optim.key_path_to_tuple(path))]
   assert encoder and others
   for a, b in encoder:  # loaded, then frozen for 6 steps: bit-identical
     np.testing.assert_array_equal(a, b)

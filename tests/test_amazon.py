@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from csctr import byod
+from csctr.data import byod
 
 _PATH = pathlib.Path(__file__).parents[1] / "data" / "amazon" / "convert.py"
 _spec = importlib.util.spec_from_file_location("amazon_convert", _PATH)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csctr import attention
+from csctr.model import attention
 
 C, H, W, N, CP, R = 6, 5, 5, 4, 3, 2  # channels, map, categories, C', r
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from csctr import attention
-from csctr import backbones
+from csctr.model import attention
+from csctr.model import backbones
 
 U, S, C = 3, 16, (8, 8, 8)
 

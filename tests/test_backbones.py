@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csctr import attention
-from csctr import backbones
+from csctr.model import attention
+from csctr.model import backbones
 from testutil import jit_o0, rbg_rngs
 
 N, CP, R, K = 5, 4, 4, 7  # categories, C', r, spatial kernel

@@ -1,4 +1,4 @@
-"""Tests for the BYOD loader (csctr.byod): mapping, splits, bad input."""
+"""Tests for the BYOD loader (csctr.data.byod): mapping, splits, bad input."""
 
 import csv
 import importlib.util
@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from csctr import byod
-from csctr import image_io
+from csctr.data import byod
+from csctr.data import image_io
 
 SIZE = 8
 IMP_HEADER = ("user_id", "item_id", "label", "timestamp", "device",
@@ -368,8 +368,8 @@ def test_impressions_changed_after_make_source_is_an_error(tmp_path):
 
 
 def test_prepare_dataset_reports_the_skips(tmp_path):
-  """End to end through csctr.prepare: counted skips land in info.json."""
-  from csctr import input_pipeline  # pylint: disable=g-import-not-at-top
+  """End to end through csctr.data.prepare: counted skips land in info.json."""
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
   root = tmp_path / "ds"
   rows = list(IMPRESSIONS) + [("u1", "g", "1", "3", "mobile", ""),
                               ("u2", "h", "0", "4", "mobile", "")]
@@ -386,8 +386,8 @@ def test_prepare_dataset_reports_the_skips(tmp_path):
   config.data_dir = str(tmp_path / "prepared")
   config.data.image_size, config.data.num_behaviors = SIZE, 3
   config.data.group_size = 4
-  path = input_pipeline.prepare_dataset(config)
-  info = input_pipeline.load_info(path)
+  path = pipeline.prepare_dataset(config)
+  info = pipeline.load_info(path)
   stats = info.extras["source_stats"]
   assert (stats["skipped_images"], stats["dropped_impressions"]) == (2, 2)
   assert info.extras["items_without_image"] == 2

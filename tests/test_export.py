@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from csctr import export
-from csctr import models
-from csctr import train
+from csctr.serving import export
+from csctr.model import ctr
+from csctr import rundir
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def workdir(trained_tiny_workdir):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-  return train.restore_model(workdir)  # (model, config, info, step)
+  return rundir.restore_model(workdir)  # (model, config, info, step)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def table_path(workdir):
 
 
 def test_trainer_persists_config_and_info(workdir, restored):
-  config, info, data_path = train.load_run_files(workdir)
+  config, info, data_path = rundir.load_run_files(workdir)
   assert config.model.visual_dim == tiny.get_config().model.visual_dim
   assert config.num_train_steps == 6
   assert info.sparse_features == ("user_id", "item_id", "category_id",
@@ -41,7 +41,7 @@ def test_trainer_persists_config_and_info(workdir, restored):
   assert os.path.exists(os.path.join(data_path, "images.npy"))
   model, config2, info2, step = restored
   assert step == 6 and info2 == info
-  assert isinstance(model, models.CTRModel)
+  assert isinstance(model, ctr.CTRModel)
   assert config2.to_dict() == config.to_dict()
 
 
@@ -49,7 +49,7 @@ def test_table_holds_the_encoder_output_of_every_item(workdir, table_path,
                                                      restored):
   table = export.EmbeddingTable(table_path)
   model, config, info, step = restored
-  _, _, data_path = train.load_run_files(workdir)
+  _, _, data_path = rundir.load_run_files(workdir)
   images = np.load(os.path.join(data_path, "images.npy"))
   categories = np.load(os.path.join(data_path, "item_category.npy"))
 

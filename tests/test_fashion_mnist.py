@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from csctr import fashion_mnist
-from csctr import input_pipeline
-from csctr import prepare
+from csctr.data import fashion_mnist
+from csctr.data import pipeline
+from csctr.data import prepared
 
 
 def _write_idx(path, array):
@@ -87,12 +87,12 @@ def test_images_are_padded_to_size_in_three_channels():
 def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   arrays = _fake_files(tmp_path, gz=False)
   config = _config(tmp_path, tmp_path)
-  path = input_pipeline.prepare_dataset(config)
-  info = input_pipeline.load_info(path)
+  path = pipeline.prepare_dataset(config)
+  info = pipeline.load_info(path)
   assert info.num_categories == 11 and info.image_size == 16
   assert info.bayes_auc is not None and 0.5 < info.bayes_auc < 1.0
-  table = np.load(os.path.join(path, prepare.IMAGES_FILE))
-  category = np.load(os.path.join(path, prepare.CATEGORY_FILE))
+  table = np.load(os.path.join(path, prepared.IMAGES_FILE))
+  category = np.load(os.path.join(path, prepared.CATEGORY_FILE))
   source = fashion_mnist.make_source(config)
   cold_rows = np.arange(40)[32:]  # 20% cold items follow the warm ones
   # Cold items are t10k images, with their class as category.
@@ -107,7 +107,7 @@ def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   assert (train_items < 32).all()  # t10k items never appear in training
   np.testing.assert_array_equal(cold, ~np.isin(items, train_items))
   assert cold[items >= 32].all() and (items >= 32).any()
-  batch = next(input_pipeline.train_iterator(config, path))
+  batch = next(pipeline.train_iterator(config, path))
   assert batch["images"].shape == (8, 16, 16, 3)
   assert not batch["is_cold"].any()
   # Within a category the visual score depends on the pixels: not constant.

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csctr import heads
+from csctr.model import heads
 
 B, D = 5, 7
 

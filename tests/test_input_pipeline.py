@@ -1,4 +1,4 @@
-"""Tests for the Grain pipeline (csctr.input_pipeline): shapes, coverage, state."""
+"""Tests for the Grain pipeline (csctr.data.pipeline): shapes, coverage, state."""
 
 import json
 import os
@@ -8,10 +8,10 @@ import grain
 import numpy as np
 import pytest
 
-from csctr import batch as batch_lib
-from csctr import input_pipeline
-from csctr import prepare
-from csctr import synthetic
+from csctr.data import batch as batch_lib
+from csctr.data import pipeline
+from csctr.data import prepared
+from csctr.data import synthetic
 from tests.test_synthetic import tiny_config
 
 K = 5
@@ -22,13 +22,13 @@ def ds(tmp_path_factory):
   config = tiny_config(tmp_path_factory.mktemp("data"), num_behaviors=3)
   config.data.groups_per_batch, config.data.unique_images = 4, 8
   config.data.eval_groups_per_batch, config.data.eval_unique_images = 8, 16
-  path = input_pipeline.prepare_dataset(config)
+  path = pipeline.prepare_dataset(config)
   source = synthetic.make_source(config)
   truth = {}
   for split in ("train", "test"):
     chunks = list(source.impressions(split))
     truth[split] = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-  return config, path, input_pipeline.load_info(path), truth
+  return config, path, pipeline.load_info(path), truth
 
 
 def _groups_of(batches):
@@ -69,9 +69,9 @@ def _check_batch(b, info, g, u, truth, table):
 
 def test_train_epoch_has_every_impression_once_and_fixed_shapes(ds):
   config, path, info, truth = ds
-  table = np.load(os.path.join(path, prepare.IMAGES_FILE))
-  n_groups = len(input_pipeline.groups_source(path, "train"))
-  it = input_pipeline.train_iterator(config, path)
+  table = np.load(os.path.join(path, prepared.IMAGES_FILE))
+  n_groups = len(pipeline.groups_source(path, "train"))
+  it = pipeline.train_iterator(config, path)
   batches = [next(it) for _ in range(2 * n_groups // 4 + 2)]
   for b in batches:
     _check_batch(b, info, 4, 8, truth["train"], table)
@@ -81,11 +81,11 @@ def test_train_epoch_has_every_impression_once_and_fixed_shapes(ds):
   for ids in epochs:
     np.testing.assert_array_equal(np.sort(ids), truth["train"]["impression_id"])
   assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
-  again = input_pipeline.train_iterator(config, path)
+  again = pipeline.train_iterator(config, path)
   np.testing.assert_array_equal(next(again)["impression_id"],
                                 batches[0]["impression_id"])  # deterministic
   config.data.shuffle_seed = 1
-  other = input_pipeline.train_iterator(config, path)
+  other = pipeline.train_iterator(config, path)
   assert not np.array_equal(next(other)["impression_id"],
                             batches[0]["impression_id"])
   config.data.shuffle_seed = 0
@@ -93,8 +93,8 @@ def test_train_epoch_has_every_impression_once_and_fixed_shapes(ds):
 
 def test_eval_has_every_impression_once(ds):
   config, path, info, truth = ds
-  table = np.load(os.path.join(path, prepare.IMAGES_FILE))
-  batches = list(input_pipeline.eval_batches(config, path))
+  table = np.load(os.path.join(path, prepared.IMAGES_FILE))
+  batches = list(pipeline.eval_batches(config, path))
   for b in batches:
     _check_batch(b, info, 8, 16, truth["test"], table)
   ids = np.concatenate([b["impression_id"][b["weight"] > 0] for b in batches])
@@ -105,7 +105,7 @@ def test_eval_has_every_impression_once(ds):
 
 def test_restored_iterator_yields_the_same_next_batches(ds, tmp_path):
   config, path, _, _ = ds
-  it = input_pipeline.train_iterator(config, path)
+  it = pipeline.train_iterator(config, path)
   for _ in range(7):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # as Orbax stores it
@@ -113,7 +113,7 @@ def test_restored_iterator_yields_the_same_next_batches(ds, tmp_path):
   handler.save(epath.Path(tmp_path), item=it)
   want = [next(it) for _ in range(3)]
   for restore in ("set_state", "orbax_handler"):
-    fresh = input_pipeline.train_iterator(config, path)
+    fresh = pipeline.train_iterator(config, path)
     if restore == "set_state":
       fresh.set_state(state)
     else:
@@ -126,15 +126,15 @@ def test_restored_iterator_yields_the_same_next_batches(ds, tmp_path):
 
 def test_process_shards_are_disjoint_and_cover(ds):
   config, path, info, truth = ds
-  n_groups = len(input_pipeline.groups_source(path, "train"))
+  n_groups = len(pipeline.groups_source(path, "train"))
   seen, eval_seen, eval_counts = [], [], []
   for p in range(2):
-    it = input_pipeline.train_iterator(config, path, p, 2)
+    it = pipeline.train_iterator(config, path, p, 2)
     mine = len(range(p, n_groups, 2))
     batches = [next(it) for _ in range(-(-mine // 2))]
     assert batches[0]["ad_image"].shape == (2 * K,)  # G = 4 / 2 per process
     seen.append(np.concatenate(_groups_of(batches)[:mine]))
-    ev = list(input_pipeline.eval_batches(config, path, "test", p, 2))
+    ev = list(pipeline.eval_batches(config, path, "test", p, 2))
     eval_counts.append(len(ev))
     assert ev[0]["images"].shape[0] == 8
     eval_seen.append(np.concatenate([b["impression_id"][b["weight"] > 0]
@@ -145,14 +145,14 @@ def test_process_shards_are_disjoint_and_cover(ds):
                                   truth[split]["impression_id"])
   assert eval_counts[0] == eval_counts[1]  # lockstep across processes
   with pytest.raises(ValueError, match="divisible"):
-    input_pipeline.train_iterator(config, path, 0, 3)
+    pipeline.train_iterator(config, path, 0, 3)
 
 
 def test_behavior_overflow_is_masked_and_counted(ds):
   config, path, info, truth = ds
-  src = input_pipeline.groups_source(path, "train")
+  src = pipeline.groups_source(path, "train")
   groups = [src[i] for i in range(4)]
-  tight = input_pipeline.Collator(path, info, 4, K, 4)  # no room but ads
+  tight = pipeline.Collator(path, info, 4, K, 4)  # no room but ads
   b = tight(groups)
   refs = np.concatenate([g["behavior"].reshape(-1) for g in groups])
   ads = np.unique([g["item"] for g in groups])
@@ -164,9 +164,9 @@ def test_behavior_overflow_is_masked_and_counted(ds):
   assert tight.stats["behavior_refs"] == valid.size
   assert tight.stats["dropped_behavior_refs"] == (~kept).sum() > 0
   assert b["behavior_mask"].sum() == kept.sum()
-  roomy = input_pipeline.Collator(path, info, 4, K, 64)
+  roomy = pipeline.Collator(path, info, 4, K, 64)
   b = roomy(groups)
   assert roomy.stats["dropped_behavior_refs"] == 0
   assert b["behavior_mask"].sum() == valid.size
-  est = input_pipeline.behavior_overflow(config, path, num_batches=5)
+  est = pipeline.behavior_overflow(config, path, num_batches=5)
   assert 0 <= est["dropped_fraction"] <= 1 and est["behavior_refs"] > 0

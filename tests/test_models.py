@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from csctr import batch as batch_lib
-from csctr import heads
-from csctr import models
+from csctr.data import batch as batch_lib
+from csctr.model import heads
+from csctr.model import ctr
 from testutil import jit_o0, rbg_rngs
 
 INFO = batch_lib.DataInfo(
@@ -43,7 +43,7 @@ def _jnp(b):
 
 @pytest.fixture(scope="module")
 def model():
-  return models.build_model(_config(), INFO, rbg_rngs())
+  return ctr.build_model(_config(), INFO, rbg_rngs())
 
 
 def _with_params_of(model, cfg):
@@ -51,7 +51,7 @@ def _with_params_of(model, cfg):
 
   Only the static config (dtype, late_fusion) differs; this skips an init.
   """
-  abstract = nnx.eval_shape(lambda: models.build_model(cfg, INFO, rbg_rngs()))
+  abstract = nnx.eval_shape(lambda: ctr.build_model(cfg, INFO, rbg_rngs()))
   return nnx.merge(nnx.split(abstract)[0], nnx.state(model))
 
 
@@ -158,7 +158,7 @@ def _loss(m, b):
 
 
 def _grad_norms(grads):
-  return {models.param_label(p) + ":" + "/".join(map(str, p)):
+  return {ctr.param_label(p) + ":" + "/".join(map(str, p)):
           float(jnp.abs(v[...]).sum())
           for p, v in nnx.to_flat_state(grads)}
 
@@ -182,14 +182,14 @@ def test_late_fusion_freezes_encoder_only(model):
   rest = {k: v for k, v in norms.items() if "encoder" not in k}
   assert enc and all(v == 0 for v in enc.values())
   assert sum(rest.values()) > 0
-  assert all(models.is_encoder_param(k.split(":")[1].split("/")) for k in enc)
+  assert all(ctr.is_encoder_param(k.split(":")[1].split("/")) for k in enc)
 
 
 @pytest.mark.parametrize("kind,use_category,depends", [
     ("cscnn", True, True), ("cscnn", False, False), ("cbam", True, False),
     ("se", True, False), ("none", True, False)])
 def test_category_conditioning(kind, use_category, depends):
-  m = models.build_model(
+  m = ctr.build_model(
       _config(attention=kind, use_category=use_category, small_channels=(4,),
               behavior_pooling="none"), INFO, rbg_rngs())
   img = _batch()["images"][:1]
@@ -222,7 +222,7 @@ def test_bfloat16_end_to_end(model, forward):
 
 
 def test_no_image_baseline():
-  m = models.build_model(_config(use_image=False, behavior_pooling="none"),
+  m = ctr.build_model(_config(use_image=False, behavior_pooling="none"),
                          INFO, rbg_rngs())
   assert m.encoder is None
   b = _jnp(_batch())
@@ -234,11 +234,11 @@ def test_no_image_baseline():
       "dcn", in_dim, 2, 0, (8,))
 
 
-@pytest.mark.parametrize("pooling", models.POOLING_CHOICES)
+@pytest.mark.parametrize("pooling", ctr.POOLING_CHOICES)
 @pytest.mark.parametrize("head", heads.HEAD_CHOICES)
 def test_every_pooling_and_head_traces(pooling, head):
   cfg = _config(behavior_pooling=pooling, head=head, cross_low_rank=2)
-  m = nnx.eval_shape(lambda: models.build_model(cfg, INFO, rbg_rngs()))
+  m = nnx.eval_shape(lambda: ctr.build_model(cfg, INFO, rbg_rngs()))
   b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _batch().items()}
   out = nnx.eval_shape(lambda m, b: m(b), m, b)
   assert out.shape == (B,) and out.dtype == jnp.float32
@@ -263,13 +263,13 @@ def test_model_param_count_by_formula(model):
 
 def test_param_label_splits_id_tables(model):
   state = nnx.state(model, nnx.Param)
-  labels = {p: models.param_label(p) for p, _ in nnx.to_flat_state(state)}
+  labels = {p: ctr.param_label(p) for p, _ in nnx.to_flat_state(state)}
   embed = {p for p, l in labels.items() if l == "embed"}
   assert embed == {("id_embed", f, "embedding") for f in INFO.sparse_features}
   assert any("channel_prior" in p for p, l in labels.items() if l == "dense")
   # Same answer on jax tree paths (what optax.multi_transform labels see).
   tree_labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: models.param_label(p), state)
+      lambda p, _: ctr.param_label(p), state)
   assert sorted(jax.tree.leaves(tree_labels)) == sorted(labels.values())
 
 
@@ -281,7 +281,7 @@ def test_behavior_pooling_masks_and_formulas():
   mask = np.array([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
   bn = np.where(mask[..., None], np.asarray(beh), 0)
   kw = dict(dtype=jnp.float32, rngs=rbg_rngs())
-  out = {k: models.BehaviorPooling(k, 4, 3, **kw)
+  out = {k: ctr.BehaviorPooling(k, 4, 3, **kw)
          for k in ("sum", "max", "attentive", "multi_query")}
   np.testing.assert_allclose(out["sum"](ad, beh, mask), bn.sum(1), rtol=1e-6)
   mx = out["max"](ad, beh, mask)
@@ -307,13 +307,13 @@ def test_behavior_pooling_masks_and_formulas():
 
 def test_build_model_rejects_inconsistent_configs():
   with pytest.raises(ValueError):
-    models.build_model(_config(use_image=False), INFO, rbg_rngs())
+    ctr.build_model(_config(use_image=False), INFO, rbg_rngs())
   with pytest.raises(ValueError):
-    models.build_model(_config(), batch_lib.DataInfo(
+    ctr.build_model(_config(), batch_lib.DataInfo(
         INFO.sparse_features, INFO.vocab_sizes, 2, 6, 16), rbg_rngs())
   with pytest.raises(KeyError):
-    models.build_model(_config(behavior_pooling="multi_query"),
+    ctr.build_model(_config(behavior_pooling="multi_query"),
                        batch_lib.DataInfo(("user_id",), (5,), 0, 6, 16, 3),
                        rbg_rngs())
   with pytest.raises(ValueError):
-    models.build_model(_config(dtype="float16"), INFO, rbg_rngs())
+    ctr.build_model(_config(dtype="float16"), INFO, rbg_rngs())

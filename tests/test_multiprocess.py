@@ -9,7 +9,7 @@ The reference is one process training on the same global batches. Those are
 not the batches of a plain run with the same global groups_per_batch (Grain
 shuffles each process's shard of groups separately), so the reference builds
 them as the two processes do, from both processes' iterators, offsetting the
-second one's image rows by its table size (train.global_batch's rule). Evals
+second one's image rows by its table size (mesh_lib.global_batch's rule). Evals
 cover the whole test split in both runs, so their metrics compare directly.
 
 A persistent XLA compile cache ($JAX_COMPILATION_CACHE_DIR, else one under
@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from csctr import input_pipeline
+from csctr.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "local_multiprocess.sh"
@@ -44,14 +44,15 @@ _REFERENCE = r"""
 import json, sys
 import numpy as np
 from absl import flags
-from csctr import input_pipeline, train
+from csctr.data import pipeline
+from csctr.training import loop as train
 
 from csctr import main  # the entry point's own flags parse the arguments
 
 n = int(sys.argv[1])
 flags.FLAGS(["reference", *sys.argv[2:]])
 config, workdir = main._CONFIG.value, main._WORKDIR.value
-per_process = input_pipeline.train_iterator
+per_process = pipeline.train_iterator
 
 # How main reads a multi-process run from flags or the environment; checked
 # here because importing csctr.main defines its flags process-wide.
@@ -91,7 +92,7 @@ def train_iterator(config, path, process_index=0, process_count=1):
                 config.data.unique_images // n)
 
 
-input_pipeline.train_iterator = train_iterator
+pipeline.train_iterator = train_iterator
 record = train.train_and_evaluate(config, workdir)
 print("RECORD " + json.dumps(record))
 """
@@ -130,7 +131,7 @@ def runs(tmp_path_factory):
   data_dir = str(out / "data")
   config = tiny.get_config()
   config.data_dir = data_dir
-  input_pipeline.prepare_dataset(config)  # once, before both runs read it
+  pipeline.prepare_dataset(config)  # once, before both runs read it
   args = ["--config=configs/tiny.py", f"--config.data_dir={data_dir}",
           *OVERRIDES]
   env = _env(cache)

@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 
 from configs import default
-from csctr import optim
+from csctr.training import optim
 
 
 class _Toy(nnx.Module):
@@ -120,18 +120,18 @@ def test_frozen_params_do_not_move_even_with_weight_decay():
 
 
 def test_real_model_labels_split_tables_from_the_rest():
-  """models.param_label on the real model: ID tables embed, all else dense."""
-  from csctr import batch as batch_lib  # pylint: disable=g-import-not-at-top
-  from csctr import models  # pylint: disable=g-import-not-at-top
+  """ctr.param_label on the real model: ID tables embed, all else dense."""
+  from csctr.data import batch as batch_lib  # pylint: disable=g-import-not-at-top
+  from csctr.model import ctr  # pylint: disable=g-import-not-at-top
   info = batch_lib.DataInfo(sparse_features=("user_id", "item_id"),
                             vocab_sizes=(10, 12), num_dense=0,
                             num_categories=3, image_size=16)
   model_config = default.get_config().model
   model_config.small_channels = (4, 4)
-  model = nnx.eval_shape(lambda: models.build_model(model_config, info,
+  model = nnx.eval_shape(lambda: ctr.build_model(model_config, info,
                                                     nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  labels = optim.label_tree(params, models.param_label)
+  labels = optim.label_tree(params, ctr.param_label)
   flat = {optim.key_path_to_tuple(p): l for p, l in
           jax.tree_util.tree_flatten_with_path(labels)[0]}
   embed = {p for p, l in flat.items() if l == "embed"}

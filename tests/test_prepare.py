@@ -1,4 +1,4 @@
-"""Tests for packing, writing and caching prepared datasets (csctr.prepare)."""
+"""Tests for packing, writing and caching prepared datasets (csctr.data.prepare)."""
 
 import json
 import os
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from csctr import input_pipeline
-from csctr import prepare
-from csctr import synthetic
+from csctr.data import pipeline
+from csctr.data import prepared
+from csctr.data import prepare
+from csctr.data import synthetic
 from tests.test_synthetic import tiny_config
 
 
@@ -66,14 +67,14 @@ def test_packer_carries_partial_groups_across_chunks(max_pending):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared_path(tmp_path_factory):
   config = tiny_config(tmp_path_factory.mktemp("data"))
-  return config, input_pipeline.prepare_dataset(config)
+  return config, pipeline.prepare_dataset(config)
 
 
-def test_info_json_records_counts_and_packing(prepared):
-  config, path = prepared
-  info = input_pipeline.load_info(path)
+def test_info_json_records_counts_and_packing(prepared_path):
+  config, path = prepared_path
+  info = pipeline.load_info(path)
   assert info.sparse_features == synthetic.SPARSE_FEATURES
   assert info.num_categories == config.synthetic.num_categories + 1
   assert (info.image_size, info.num_behaviors) == (16, 3)
@@ -83,7 +84,7 @@ def test_info_json_records_counts_and_packing(prepared):
     assert s["packing_efficiency"] == pytest.approx(
         s["impressions"] / (s["groups"] * config.data.group_size))
   assert splits["test"]["cold_impressions"] > 0
-  table = np.load(os.path.join(path, prepare.IMAGES_FILE), mmap_mode="r")
+  table = np.load(os.path.join(path, prepared.IMAGES_FILE), mmap_mode="r")
   assert table.shape == (config.synthetic.num_items, 16, 16, 3)
   source = synthetic.make_source(config)
   np.testing.assert_array_equal(
@@ -91,11 +92,11 @@ def test_info_json_records_counts_and_packing(prepared):
   assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp")]
 
 
-def test_records_are_a_tfds_dataset(prepared):
-  _, path = prepared
-  ours = input_pipeline.groups_source(path, "train")
+def test_records_are_a_tfds_dataset(prepared_path):
+  _, path = prepared_path
+  ours = pipeline.groups_source(path, "train")
   theirs = tfds.builder_from_directory(
-      os.path.join(path, prepare.GROUPS_DIR)).as_data_source("train")
+      os.path.join(path, prepared.GROUPS_DIR)).as_data_source("train")
   assert len(ours) == len(theirs) > 0
   for i in (0, len(ours) // 2, len(ours) - 1):
     a, b = ours[i], theirs[i]
@@ -106,21 +107,21 @@ def test_records_are_a_tfds_dataset(prepared):
         assert a[key].dtype == b[key].dtype, key
 
 
-def test_cache_is_keyed_by_dataset_config_only(prepared, monkeypatch):
-  config, path = prepared
+def test_cache_is_keyed_by_dataset_config_only(prepared_path, monkeypatch):
+  config, path = prepared_path
   def boom(_):
     raise AssertionError("prepared twice")
   monkeypatch.setattr(synthetic, "make_source", boom)
   config.data.groups_per_batch = 2  # batching is not part of the key
-  assert input_pipeline.prepare_dataset(config) == path
+  assert pipeline.prepare_dataset(config) == path
   other = tiny_config(config.data_dir, seed=1)
-  assert (prepare.cache_path(config.data_dir, input_pipeline.dataset_key(other))
+  assert (prepared.cache_path(config.data_dir, pipeline.dataset_key(other))
           != path)
   monkeypatch.delenv("CSCTR_DATA_DIR", raising=False)
   config.data_dir = ""
-  assert input_pipeline.data_root(config).endswith(os.path.join(".cache", "csctr"))
+  assert pipeline.data_root(config).endswith(os.path.join(".cache", "csctr"))
   monkeypatch.setenv("CSCTR_DATA_DIR", "/x/y")
-  assert input_pipeline.data_root(config) == "/x/y"
+  assert pipeline.data_root(config) == "/x/y"
 
 
 def test_crash_mid_prepare_leaves_nothing_that_looks_complete(tmp_path):
@@ -136,7 +137,7 @@ def test_crash_mid_prepare_leaves_nothing_that_looks_complete(tmp_path):
   path = str(tmp_path / "ds")
   with pytest.raises(RuntimeError, match="disk on fire"):
     prepare.prepare(source, path, group_size=5)
-  assert not prepare.is_prepared(path)
+  assert not prepared.is_prepared(path)
   assert os.listdir(tmp_path) == []  # no final directory, no tmp debris
 
 
@@ -162,9 +163,9 @@ def test_bad_chunks_are_rejected_with_the_field_named(tmp_path, corrupt,
   assert os.listdir(tmp_path) == []
 
 
-def test_info_json_is_plain_json(prepared):
-  _, path = prepared
-  with open(os.path.join(path, prepare.INFO_FILE)) as f:
+def test_info_json_is_plain_json(prepared_path):
+  _, path = prepared_path
+  with open(os.path.join(path, prepared.INFO_FILE)) as f:
     d = json.load(f)
   assert {"sparse_features", "vocab_sizes", "num_dense", "num_categories",
           "image_size", "num_behaviors", "bayes_auc", "extras"} <= set(d)

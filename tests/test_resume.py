@@ -4,7 +4,7 @@ Runs `python -m csctr.main` as users do, in subprocesses sharing a persistent
 XLA compilation cache (so only the first run pays for compiling). Two kills:
 one just after a checkpoint has been committed (wherever the run happens to
 be by then), and one deterministic kill inside a save, after Orbax created
-the tmp directory and before it renamed it (csctr.checkpointing's test hook).
+the tmp directory and before it renamed it (csctr.training.checkpointing's test hook).
 """
 
 import json
@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from csctr import checkpointing
+from csctr.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 60

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from csctr import batch as batch_lib
-from csctr import export
-from csctr import input_pipeline
-from csctr import models
+from csctr.data import batch as batch_lib
+from csctr.serving import export
+from csctr.data import pipeline
+from csctr.model import ctr
 from csctr import serving
-from csctr import train
+from csctr import rundir
+from csctr.training import steps as steps_lib
 
 ATOL = 1e-5
 
@@ -33,7 +34,7 @@ def scorer(workdir):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-  return train.restore_model(workdir)  # (model, config, info, step)
+  return rundir.restore_model(workdir)  # (model, config, info, step)
 
 
 def _request(user, sparse, image_ids, **extra):
@@ -46,15 +47,15 @@ def _request(user, sparse, image_ids, **extra):
 
 def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
   model, config, info, _ = restored
-  _, _, data_path = train.load_run_files(workdir)
+  _, _, data_path = rundir.load_run_files(workdir)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  eval_step = jax.jit(train.make_eval_step(graphdef))  # the trainer's own
+  eval_step = jax.jit(steps_lib.make_eval_step(graphdef))  # the trainer's own
   state = {"params": params, "rest": rest}
-  groups = input_pipeline.groups_source(data_path, "test")
+  groups = pipeline.groups_source(data_path, "test")
   images = np.load(os.path.join(data_path, "images.npy"))
   g, k = config.data.eval_groups_per_batch, config.data.group_size
   compared = 0
-  for b, batch in enumerate(input_pipeline.eval_batches(config, data_path)):
+  for b, batch in enumerate(pipeline.eval_batches(config, data_path)):
     logits = np.asarray(eval_step(state, batch)["logits"])
     # The image id of a slot is the item of its group record.
     item = np.full(g * k, -1)
@@ -75,8 +76,8 @@ def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
 
 
 def _candidates(workdir, n, seed=0):
-  _, _, data_path = train.load_run_files(workdir)
-  info = input_pipeline.load_info(data_path)
+  _, _, data_path = rundir.load_run_files(workdir)
+  info = pipeline.load_info(data_path)
   rng = np.random.default_rng(seed)
   items = rng.integers(0, 120, n)
   category = np.load(os.path.join(data_path, "item_category.npy"))[items]
@@ -190,7 +191,7 @@ def _random_model(model_config, info, seed):
   seconds; any parameter values serve an equivalence test.)
   """
   abstract = nnx.eval_shape(
-      lambda: models.build_model(model_config, info, nnx.Rngs(0)))
+      lambda: ctr.build_model(model_config, info, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(seed)
   state = jax.tree.map(lambda x: jax.numpy.asarray(

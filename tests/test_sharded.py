@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from csctr import train
+from csctr.training import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FSDP_MIN_SIZE = 256  # elements
@@ -31,7 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from configs import tiny
-from csctr import train
+from csctr.training import mesh as mesh_lib
+from csctr.training import loop as train
 
 out, data_dir = sys.argv[1], sys.argv[2]
 results = {}
@@ -129,7 +130,7 @@ def test_sharding_table_by_rule():
   mesh = types.SimpleNamespace(shape={"data": 4, "model": 2})
 
   def spec(path, shape, shard=True, fsdp=True, min_size=1024):
-    return train.partition_spec(tuple(path.split("/")), shape, mesh, shard,
+    return mesh_lib.partition_spec(tuple(path.split("/")), shape, mesh, shard,
                                 fsdp, min_size)
 
   table = "params/id_embed/user_id/embedding"

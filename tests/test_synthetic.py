@@ -1,12 +1,12 @@
-"""Tests for the synthetic benchmark (csctr.synthetic): determinism, truth."""
+"""Tests for the synthetic benchmark (csctr.data.synthetic): determinism, truth."""
 
 import numpy as np
 import pytest
 import sklearn.metrics
 
 from configs import default
-from csctr import input_pipeline
-from csctr import synthetic
+from csctr.data import pipeline
+from csctr.data import synthetic
 
 
 def tiny_config(data_dir="", seed=0, num_behaviors=3):
@@ -75,7 +75,7 @@ def test_cold_items_absent_from_train_flagged_and_oov():
 
 def test_bayes_auc_is_auc_of_true_ctr_on_test(tmp_path):
   config = tiny_config(tmp_path)
-  info = input_pipeline.load_info(input_pipeline.prepare_dataset(config))
+  info = pipeline.load_info(pipeline.prepare_dataset(config))
   test, _ = _all(synthetic.make_source(config), "test")
   want = sklearn.metrics.roc_auc_score(test["label"], test["true_ctr"])
   assert info.bayes_auc == pytest.approx(want, abs=1e-12)

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from csctr import checkpointing
-from csctr import train
+from csctr.training import checkpointing
+from csctr.training import losses
+from csctr.training import mesh as mesh_lib
+from csctr import rundir
+from csctr.training import loop as train
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +92,9 @@ def test_bce_loss_ignores_padding():
            "weight": jnp.array([1.0, 1.0, 1.0, 0.0])}
   p = 1 / (1 + np.exp(-np.array([0.5, -1.0, 3.0])))
   expected = -np.mean(np.log([p[0], 1 - p[1], p[2]]))
-  np.testing.assert_allclose(train.bce_loss(logits, batch), expected, rtol=1e-6)
+  np.testing.assert_allclose(losses.bce_loss(logits, batch), expected, rtol=1e-6)
   batch["weight"] = jnp.zeros(4)
-  assert float(train.bce_loss(logits, batch)) == 0.0
+  assert float(losses.bce_loss(logits, batch)) == 0.0
 
 
 def test_bpr_loss_pairs_within_user_then_batch():
@@ -111,29 +114,29 @@ def test_bpr_loss_pairs_within_user_then_batch():
              for i, js in pairs.items()]
   batch = {"label": jnp.array(label), "weight": jnp.array(weight),
            "user_id": jnp.array(user)}
-  np.testing.assert_allclose(train.bpr_loss(jnp.array(logits), batch),
+  np.testing.assert_allclose(losses.bpr_loss(jnp.array(logits), batch),
                              np.mean(per_pos), rtol=1e-5)
-  grad = jax.grad(train.bpr_loss)(jnp.array(logits), batch)
+  grad = jax.grad(losses.bpr_loss)(jnp.array(logits), batch)
   assert float(grad[-1]) == 0.0 and np.all(np.isfinite(grad))
 
 
 def test_partition_rules_shard_only_id_tables():
   config = tiny.get_config()
-  mesh = train.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config)
   embed = ("id_embed", "user_id", "embedding")
-  assert train.partition_spec(embed, (62, 4), mesh, True) == jax.sharding.PartitionSpec("model", None)
-  assert train.partition_spec(embed, (62, 4), mesh, False) == jax.sharding.PartitionSpec()
+  assert mesh_lib.partition_spec(embed, (62, 4), mesh, True) == jax.sharding.PartitionSpec("model", None)
+  assert mesh_lib.partition_spec(embed, (62, 4), mesh, False) == jax.sharding.PartitionSpec()
   # Adagrad's slot for the table follows the table.
   slot = (1, "inner_states", "embed", "inner_state", 0, "sum_of_squares") + embed
-  assert train.partition_spec(slot, (62, 4), mesh, True) == jax.sharding.PartitionSpec("model", None)
+  assert mesh_lib.partition_spec(slot, (62, 4), mesh, True) == jax.sharding.PartitionSpec("model", None)
   dense = ("head", "mlp", "layers", 0, "kernel")
-  assert train.partition_spec(dense, (64, 16), mesh, True) == jax.sharding.PartitionSpec()
+  assert mesh_lib.partition_spec(dense, (64, 16), mesh, True) == jax.sharding.PartitionSpec()
 
 
 def test_truncate_eval_log_drops_later_and_partial_lines(tmp_path):
   path = tmp_path / "eval_metrics.jsonl"
   lines = [json.dumps({"step": s, "split": "test", "auc": 0.5}) for s in (6, 12)]
   path.write_text("\n".join(lines) + '\n{"step": 18, "spl')  # killed mid-write
-  train.truncate_eval_log(str(tmp_path), 6)
+  rundir.truncate_eval_log(str(tmp_path), 6)
   assert path.read_text() == lines[0] + "\n"
-  train.truncate_eval_log(str(tmp_path / "absent"), 6)  # no log yet: no-op
+  rundir.truncate_eval_log(str(tmp_path / "absent"), 6)  # no log yet: no-op

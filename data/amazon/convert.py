@@ -12,7 +12,7 @@ Inputs:
     (category: list). Both parse; .gz or not.
   images: <asin>.jpg (or .jpeg/.png) downloaded beside them.
 
-Output (read by csctr.byod): items.csv (item_id = asin, category_id = leaf
+Output (read by csctr.data.byod): items.csv (item_id = asin, category_id = leaf
 category, image = images/<asin>.jpg, linked or copied into out/images/) and
 impressions.csv (user_id, item_id, label, timestamp, [split], [behavior]).
 behavior lists the user's positives strictly before the impression (oldest

@@ -2,7 +2,7 @@
 
 Every dataset (synthetic, fashion_mnist, byod, amazon via byod) is turned into
 a `Source`: items with a category and an image, and impressions per split,
-already mapped to vocabulary rows (row 0 = OOV). `csctr.prepare` consumes a
+already mapped to vocabulary rows (row 0 = OOV). `csctr.data.prepare` consumes a
 Source once, packs impressions sharing an ad image into groups of at most K,
 and writes ArrayRecord shards plus an image table; training never touches the
 raw data again.

@@ -1,6 +1,6 @@
 """BYOD building blocks: CSV reading with locations, items.csv, item images.
 
-Split from `csctr.byod` (which holds the policy and the impressions) so each
+Split from `csctr.data.byod` (which holds the policy and the impressions) so each
 module stays small. Everything raises `DataError`, which says where: file,
 1-based line (the header is line 1) and field.
 """
@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 from absl import logging
 import numpy as np
 
-from csctr import image_io
+from csctr.data import image_io
 
 ITEM_COLUMNS = ("item_id", "category_id", "image")
 _LOGGED_SKIPS = 10  # bad images logged by path; the rest only counted

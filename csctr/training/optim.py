@@ -4,7 +4,7 @@ CTR models mix two kinds of parameters. ID embedding rows get a gradient only
 when their ID occurs in the batch, so they want a per-row adaptive optimizer
 (Adagrad, as in production CTR systems) and a larger step; the dense weights
 (CNN, attention, DCN) want AdamW with warmup and decay. optax.multi_transform
-routes each parameter by `csctr.models.param_label`. Gradients are clipped by
+routes each parameter by `csctr.model.ctr.param_label`. Gradients are clipped by
 their joint global norm before the split, so one exploding table cannot hide
 behind the other optimizer.
 """
@@ -104,15 +104,15 @@ def make_optimizer(
     config: config.optim (embed_optimizer, embed_lr, dense_optimizer, lr,
       weight_decay, warmup_steps, schedule, clip_norm).
     num_train_steps: length of the cosine schedule.
-    param_label: path -> 'embed' | 'dense'; csctr.models.param_label by
+    param_label: path -> 'embed' | 'dense'; csctr.model.ctr.param_label by
       default.
     frozen: path -> True for parameters that must not move at all (late
       fusion's encoder: a stop-gradient alone would still let weight decay
       shrink it).
   """
   if param_label is None:
-    from csctr import models  # pylint: disable=g-import-not-at-top
-    param_label = models.param_label
+    from csctr.model import ctr  # pylint: disable=g-import-not-at-top
+    param_label = ctr.param_label
   schedule = dense_schedule(config, num_train_steps)
   transforms = {"embed": _embed_tx(config), "dense": _dense_tx(config, schedule)}
   label = param_label

@@ -1,10 +1,10 @@
 """Input pipeline: prepared image groups -> fixed-shape batches, with Grain.
 
-Everything expensive happened at prepare time (csctr.prepare): images are
+Everything expensive happened at prepare time (csctr.data.prepare): images are
 stored decoded and resized in one uint8 table, impressions are packed into
 image groups of <= K. A batch here is G group records plus a gather of image
 rows, so producing one costs a few hundred microseconds (see
-benchmarks/input_pipeline.py); uint8 -> float happens on device in the model.
+benchmarks/pipeline.py); uint8 -> float happens on device in the model.
 
 Train: MapDataset(group records)[process_index::process_count]
          .shuffle(shuffle_seed).repeat().batch(G, batch_fn=Collator)
@@ -13,7 +13,7 @@ is infinite, reshuffled every epoch (Grain folds the epoch into the seed),
 deterministic for the seed, and its iterator is a grain DatasetIterator whose
 get_state()/set_state() is a small JSON dict: checkpoint it with
 `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`
-in an Orbax CheckpointManager (csctr.checkpointing wraps exactly that), and
+in an Orbax CheckpointManager (csctr.training.checkpointing wraps exactly that), and
 the restored iterator yields the batch that would have come next. Batches
 cross epoch boundaries (an epoch is a contiguous run of G-group slots).
 
@@ -42,10 +42,11 @@ import ml_collections
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
-from csctr import batch as batch_lib
-from csctr import prepare as prepare_lib
+from csctr.data import batch as batch_lib
+from csctr.data import prepare as prepare_lib
+from csctr.data import prepared
 
-load_info = prepare_lib.load_info
+load_info = prepared.load_info
 
 
 # ---------------------------------------------------------------- prepare
@@ -96,15 +97,15 @@ def dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _make_source(config: ml_collections.ConfigDict):
   name = config.dataset
   if name == "synthetic":
-    from csctr import synthetic  # pylint: disable=g-import-not-at-top
+    from csctr.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.make_source(config)
   if name == "fashion_mnist":
-    from csctr import fashion_mnist  # pylint: disable=g-import-not-at-top
+    from csctr.data import fashion_mnist  # pylint: disable=g-import-not-at-top
     return fashion_mnist.make_source(config)
   if name in ("byod", "amazon"):
     if not config.byod_path:
       raise ValueError(f"dataset={name!r} needs config.byod_path")
-    from csctr import byod  # pylint: disable=g-import-not-at-top
+    from csctr.data import byod  # pylint: disable=g-import-not-at-top
     return byod.make_source(config)
   raise ValueError(f"unknown dataset {name!r}")
 
@@ -112,8 +113,8 @@ def _make_source(config: ml_collections.ConfigDict):
 def prepare_dataset(config: ml_collections.ConfigDict) -> str:
   """Prepares config's dataset once (cached by config hash); returns path."""
   key = dataset_key(config)
-  path = prepare_lib.cache_path(data_root(config), key)
-  if prepare_lib.is_prepared(path):
+  path = prepared.cache_path(data_root(config), key)
+  if prepared.is_prepared(path):
     return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
   return prepare_lib.prepare(_make_source(config), path,
@@ -139,8 +140,8 @@ class GroupSource:
   """
 
   def __init__(self, path: str, split: str):
-    info = prepare_lib.load_info(path)
-    self._spec = prepare_lib.group_spec(
+    info = prepared.load_info(path)
+    self._spec = prepared.group_spec(
         len(info.sparse_features), info.num_dense, info.num_behaviors)
     self._path, self._split = path, split
     self._length = int(info.extras["splits"][split]["groups"])
@@ -161,7 +162,7 @@ class GroupSource:
     reader = self._reader
     if reader is None:  # a race here only opens a second reader
       reader = self._reader = array_record_data_source.ArrayRecordDataSource(
-          [prepare_lib.shard_path(self._path, self._split)])
+          [prepared.shard_path(self._path, self._split)])
     example = tf_example_pb2.Example()
     example.ParseFromString(reader[index])
     feature = example.features.feature
@@ -205,9 +206,9 @@ class Collator:
     # One assignment, so a concurrent prefetch thread sees both or neither.
     if self._tables_ is None:
       self._tables_ = (
-          np.load(os.path.join(self.path, prepare_lib.IMAGES_FILE),
+          np.load(os.path.join(self.path, prepared.IMAGES_FILE),
                   mmap_mode="r"),
-          np.load(os.path.join(self.path, prepare_lib.CATEGORY_FILE)))
+          np.load(os.path.join(self.path, prepared.CATEGORY_FILE)))
     return self._tables_
 
   def __call__(self, groups: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -271,7 +272,7 @@ class Collator:
       logging.warning(
           "unique_images=%d cannot hold a batch's behaviour images: %d of %d "
           "references masked (counted in Collator.stats; estimate the rate "
-          "with input_pipeline.behavior_overflow)", self.u, dropped, refs.size)
+          "with pipeline.behavior_overflow)", self.u, dropped, refs.size)
     return np.concatenate([rows, items[keep]])
 
 

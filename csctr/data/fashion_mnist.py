@@ -4,7 +4,7 @@ Items are Fashion-MNIST images (the 10 classes are the categories 1..10, 0 is
 OOV). Warm items are drawn from the training file and cold items (introduced
 only in the test period, mapped to the OOV item_id) from the t10k file, so no
 cold image was ever seen in training. Users click according to the same true
-click model as the synthetic benchmark (csctr.synthetic.ImpressionSimulator),
+click model as the synthetic benchmark (csctr.data.synthetic.ImpressionSimulator),
 with the item's visual score taken from its real pixels:
 
 * visual score: within each category, the image's coordinates on the
@@ -43,8 +43,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from csctr import source as source_lib
-from csctr import synthetic
+from csctr.data import source as source_lib
+from csctr.data import synthetic
 
 DOWNLOAD_URL = "https://github.com/zalandoresearch/fashion-mnist#get-the-data"
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",

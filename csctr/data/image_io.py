@@ -8,7 +8,7 @@ otherwise turn black), then a resize to the square the models expect.
 
 Errors are classified rather than swallowed: `decode_image` raises
 `MissingImageError` or `CorruptImageError`, and the caller decides between
-skipping (counted) and failing (see `csctr.byod`).
+skipping (counted) and failing (see `csctr.data.byod`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ the odd unpopular warm item) are cold: is_cold is set and they map to the OOV
 row 0 of `item_id`, as a vocabulary built on the training split would map
 them.
 
-`ImpressionSimulator` is the part shared with `csctr.fashion_mnist`: given
+`ImpressionSimulator` is the part shared with `csctr.data.fashion_mnist`: given
 per-item latents it streams impressions chunk by chunk (each chunk seeded by
 (seed, chunk index), so the stream is deterministic and never all in memory).
 """
@@ -45,7 +45,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from csctr import source as source_lib
+from csctr.data import source as source_lib
 
 SPARSE_FEATURES = ("user_id", "item_id", "category_id", "position")
 NUM_SHAPES = 4

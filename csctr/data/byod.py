@@ -9,7 +9,7 @@ config.byod_path holds (user guide: docs/byod.md):
                    item ids, oldest first); every further column is a
                    categorical feature.
   images           JPEG/PNG/..., any size; resized to config.data.image_size
-                   (csctr.image_io; config.byod.resize = pad|stretch|crop).
+                   (csctr.data.image_io; config.byod.resize = pad|stretch|crop).
 
 Rows. Every item of items.csv gets an item row (its line order) indexing the
 image table; item rows are not the item_id vocabulary. Vocabularies (user_id,
@@ -63,9 +63,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from csctr import byod_items
-from csctr import source as source_lib
-from csctr.byod_items import DataError  # Re-exported: byod.DataError.
+from csctr.data import byod_items
+from csctr.data import source as source_lib
+from csctr.data.byod_items import DataError  # Re-exported: byod.DataError.
 
 ITEMS_FILE = "items.csv"
 IMPRESSIONS_FILE = "impressions.csv"

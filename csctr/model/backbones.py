@@ -31,7 +31,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from csctr import attention as attention_lib
+from csctr.model import attention as attention_lib
 
 BACKBONE_CHOICES = ("small", "cnnf", "resnet18")
 

@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from csctr import attention as attention_lib
-from csctr import backbones
-from csctr import batch as batch_lib
-from csctr import heads
+from csctr.model import attention as attention_lib
+from csctr.model import backbones
+from csctr.data import batch as batch_lib
+from csctr.model import heads
 
 POOLING_CHOICES = ("none", "sum", "max", "attentive", "multi_query")
 ATTENTION_UNIT_DIMS = (80, 40)  # DIN's activation-unit MLP

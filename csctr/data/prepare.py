@@ -37,7 +37,7 @@ here with `ArrayRecordWriter` while streaming, the records are serialized by
 TFDS's own FeaturesDict, and `tfds.folder_dataset.write_metadata` adds the
 TFDS metadata: the result is an ordinary TFDS dataset that
 `tfds.builder_from_directory(path/groups).as_data_source(split)` reads.
-The pipeline reads the same records through input_pipeline.GroupSource, a
+The pipeline reads the same records through pipeline.GroupSource, a
 five-times cheaper decoder of the same protos (TFDS's generic decoder is most
 of a batch's cost otherwise). TFDS cannot decode zero-width tensors, hence
 dense and behavior are left out of the records when empty.
@@ -50,7 +50,6 @@ deletes its copy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -63,37 +62,14 @@ from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
 
-from csctr import batch as batch_lib
+from csctr.data import batch as batch_lib
+from csctr.data import prepared
 from csctr import metrics
-from csctr import source as source_lib
+from csctr.data import source as source_lib
 
-# Bump when the on-disk layout changes: it is part of the cache key.
-FORMAT_VERSION = 2
-SPLITS = ("train", "test")
-INFO_FILE = "info.json"
-IMAGES_FILE = "images.npy"
-CATEGORY_FILE = "item_category.npy"
-GROUPS_DIR = "groups"
 WRITER_OPTIONS = "group_size:1,snappy"
 # Impressions of partial groups carried to the next chunk (see Packer).
 MAX_PENDING = 1 << 20
-
-
-def group_spec(num_sparse: int, num_dense: int,
-               num_behaviors: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
-  """dtype and per-impression shape of every field of a group record.
-
-  'item' is a scalar; every other field has a leading impression axis.
-  Zero-width fields are left out (TFDS cannot decode them).
-  """
-  spec = {"item": (np.int32, ()), "label": (np.float32, ()),
-          "user_id": (np.int32, ()), "impression_id": (np.int32, ()),
-          "is_cold": (np.bool_, ()), "sparse": (np.int32, (num_sparse,))}
-  if num_dense:
-    spec["dense"] = (np.float32, (num_dense,))
-  if num_behaviors:
-    spec["behavior"] = (np.int32, (num_behaviors,))
-  return spec
 
 
 def group_features(num_sparse: int, num_dense: int,
@@ -102,7 +78,7 @@ def group_features(num_sparse: int, num_dense: int,
   return tfds.features.FeaturesDict({
       k: tfds.features.Tensor(shape=shape if k == "item" else (None, *shape),
                               dtype=dtype)
-      for k, (dtype, shape) in group_spec(
+      for k, (dtype, shape) in prepared.group_spec(
           num_sparse, num_dense, num_behaviors).items()})
 
 
@@ -231,7 +207,7 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
 def _write_images(source: source_lib.Source, tmp: str) -> dict[str, int]:
   s = source.image_size
   table = np.lib.format.open_memmap(
-      os.path.join(tmp, IMAGES_FILE), mode="w+", dtype=np.uint8,
+      os.path.join(tmp, prepared.IMAGES_FILE), mode="w+", dtype=np.uint8,
       shape=(source.num_items, s, s, 3))
   seen = np.zeros(source.num_items, bool)
   for rows, images in source.item_images():
@@ -242,7 +218,7 @@ def _write_images(source: source_lib.Source, tmp: str) -> dict[str, int]:
     seen[rows] = True
   table.flush()
   del table
-  np.save(os.path.join(tmp, CATEGORY_FILE),
+  np.save(os.path.join(tmp, prepared.CATEGORY_FILE),
           np.asarray(source.item_category, np.int32))
   return {"num_items": source.num_items,
           "items_without_image": int((~seen).sum())}
@@ -305,18 +281,18 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
     image_counts = _write_images(source, tmp)
     features = group_features(len(source.sparse_features), source.num_dense,
                               source.num_behaviors)
-    groups_dir = os.path.join(tmp, GROUPS_DIR)
+    groups_dir = os.path.join(tmp, prepared.GROUPS_DIR)
     os.makedirs(groups_dir)
     splits, scores = {}, []
-    for split in SPLITS:
+    for split in prepared.SPLITS:
       splits[split] = _write_split(source, split, group_size, features,
-                                   shard_path(tmp, split), scores)
+                                   prepared.shard_path(tmp, split), scores)
     tfds.folder_dataset.write_metadata(
         data_dir=groups_dir, features=features, check_data=False,
         split_infos=[tfds.core.SplitInfo(
             name=s, shard_lengths=[c["groups"]], num_bytes=0)
                      for s, c in splits.items()],
-        description="csctr image groups (see csctr/prepare.py)")
+        description="csctr image groups (see csctr/data/prepare.py)")
     bayes_auc, bayes_auc_cold = source.bayes_auc, None
     if scores:
       ctr, label, cold = (np.concatenate(x) for x in zip(*scores))
@@ -325,7 +301,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
       bayes_auc_cold = _auc(label[cold], ctr[cold])
     extras = {
         "dataset": source.name,
-        "format_version": FORMAT_VERSION,
+        "format_version": prepared.FORMAT_VERSION,
         "group_size": group_size,
         "packing_efficiency": splits["train"]["packing_efficiency"],
         "splits": splits,
@@ -341,13 +317,13 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
         num_dense=source.num_dense, num_categories=source.num_categories,
         image_size=source.image_size, num_behaviors=source.num_behaviors,
         bayes_auc=bayes_auc, extras=extras)
-    with open(os.path.join(tmp, INFO_FILE), "w") as f:
-      json.dump(info_to_json(info), f, indent=2, default=_json_default)
+    with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
+      json.dump(prepared.info_to_json(info), f, indent=2, default=prepared.json_default)
     os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
     try:
       os.rename(tmp, path)
     except OSError:
-      if not os.path.exists(os.path.join(path, INFO_FILE)):
+      if not os.path.exists(os.path.join(path, prepared.INFO_FILE)):
         raise
       logging.info("%s was prepared concurrently; keeping that copy", path)
       shutil.rmtree(tmp, ignore_errors=True)
@@ -358,57 +334,3 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
   return path
 
 
-def _json_default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
-
-
-def info_to_json(info: batch_lib.DataInfo) -> dict[str, Any]:
-  return {
-      "sparse_features": list(info.sparse_features),
-      "vocab_sizes": list(info.vocab_sizes),
-      "num_dense": info.num_dense,
-      "num_categories": info.num_categories,
-      "image_size": info.image_size,
-      "num_behaviors": info.num_behaviors,
-      "bayes_auc": info.bayes_auc,
-      "extras": info.extras,
-  }
-
-
-def load_info(path: str) -> batch_lib.DataInfo:
-  """Reads the DataInfo of a prepared dataset."""
-  with open(os.path.join(path, INFO_FILE)) as f:
-    d = json.load(f)
-  return batch_lib.DataInfo(
-      sparse_features=tuple(d["sparse_features"]),
-      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
-      num_categories=d["num_categories"], image_size=d["image_size"],
-      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
-      extras=d["extras"])
-
-
-def cache_path(root: str, key: dict[str, Any]) -> str:
-  """Directory of the dataset described by `key` under `root`.
-
-  The name is readable (dataset, image size, K) and ends in a hash of the
-  whole key, so any dataset-relevant config change gets its own directory.
-  """
-  blob = json.dumps({"format_version": FORMAT_VERSION, **key}, sort_keys=True,
-                    default=_json_default)
-  digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-  name = f"{key['dataset']}-{key['image_size']}px-k{key['group_size']}-{digest}"
-  return os.path.join(root, name)
-
-
-def is_prepared(path: str) -> bool:
-  """A directory is complete iff info.json exists (it is renamed in last)."""
-  return os.path.isfile(os.path.join(path, INFO_FILE))
-
-
-def shard_path(path: str, split: str) -> str:
-  return os.path.join(path, GROUPS_DIR,
-                      f"groups-{split}.array_record-00000-of-00001")

@@ -56,10 +56,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from csctr import batch as batch_lib
-from csctr import export as export_lib
-from csctr import models
-from csctr import train
+from csctr.data import batch as batch_lib
+from csctr.serving import export as export_lib
+from csctr.model import ctr
+from csctr import rundir
 
 FALLBACKS = ("cnn", "category_mean")
 
@@ -132,7 +132,7 @@ def configure_cpu_serving(single_thread: bool = True) -> bool:
   return True
 
 
-def _head_only(model: models.CTRModel) -> models.CTRModel:
+def _head_only(model: ctr.CTRModel) -> ctr.CTRModel:
   """The model minus its encoder, sharing the arrays.
 
   The scoring jit then takes only the head's parameters as arguments, so a
@@ -147,7 +147,7 @@ def _head_only(model: models.CTRModel) -> models.CTRModel:
 class Scorer:
   """Scores requests with a trained model's head and an embedding table."""
 
-  def __init__(self, model: models.CTRModel,
+  def __init__(self, model: ctr.CTRModel,
                model_config: ml_collections.ConfigDict,
                info: batch_lib.DataInfo,
                table: export_lib.EmbeddingTable | None,
@@ -195,7 +195,7 @@ class Scorer:
                    config: ServingConfig = ServingConfig()) -> "Scorer":
     """The run's checkpoint (default latest) + its table (default the one
     exported for that step, WORKDIR/embedding_tables/<step>)."""
-    model, run_config, info, step = train.restore_model(workdir, step)
+    model, run_config, info, step = rundir.restore_model(workdir, step)
     table = None
     if model.use_image:
       table_path = table_path or os.path.join(

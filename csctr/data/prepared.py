@@ -1,0 +1,103 @@
+"""The prepared dataset on disk: file names, DataInfo, cache paths.
+
+What a prepared dataset directory holds, for every reader: the Grain pipeline,
+export and serving. Writing it is csctr/data/prepare.py's job (which needs
+TFDS); reading its layout needs only this module.
+
+    info.json            DataInfo fields + bayes_auc + counts + packing stats
+    images.npy           uint8 [num_items, H, W, 3], the image table (memmap)
+    item_category.npy    int32 [num_items], category row of every item
+    groups/              ArrayRecord shards of image groups (a TFDS dataset)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from csctr.data import batch as batch_lib
+
+# Bump when the on-disk layout changes: it is part of the cache key.
+FORMAT_VERSION = 2
+SPLITS = ("train", "test")
+INFO_FILE = "info.json"
+IMAGES_FILE = "images.npy"
+CATEGORY_FILE = "item_category.npy"
+GROUPS_DIR = "groups"
+
+
+def group_spec(num_sparse: int, num_dense: int,
+               num_behaviors: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
+  """dtype and per-impression shape of every field of a group record.
+
+  'item' is a scalar; every other field has a leading impression axis.
+  Zero-width fields are left out (TFDS cannot decode them).
+  """
+  spec = {"item": (np.int32, ()), "label": (np.float32, ()),
+          "user_id": (np.int32, ()), "impression_id": (np.int32, ()),
+          "is_cold": (np.bool_, ()), "sparse": (np.int32, (num_sparse,))}
+  if num_dense:
+    spec["dense"] = (np.float32, (num_dense,))
+  if num_behaviors:
+    spec["behavior"] = (np.int32, (num_behaviors,))
+  return spec
+
+
+def json_default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def info_to_json(info: batch_lib.DataInfo) -> dict[str, Any]:
+  return {
+      "sparse_features": list(info.sparse_features),
+      "vocab_sizes": list(info.vocab_sizes),
+      "num_dense": info.num_dense,
+      "num_categories": info.num_categories,
+      "image_size": info.image_size,
+      "num_behaviors": info.num_behaviors,
+      "bayes_auc": info.bayes_auc,
+      "extras": info.extras,
+  }
+
+
+def load_info(path: str) -> batch_lib.DataInfo:
+  """Reads the DataInfo of a prepared dataset."""
+  with open(os.path.join(path, INFO_FILE)) as f:
+    d = json.load(f)
+  return batch_lib.DataInfo(
+      sparse_features=tuple(d["sparse_features"]),
+      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
+      num_categories=d["num_categories"], image_size=d["image_size"],
+      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
+      extras=d["extras"])
+
+
+def cache_path(root: str, key: dict[str, Any]) -> str:
+  """Directory of the dataset described by `key` under `root`.
+
+  The name is readable (dataset, image size, K) and ends in a hash of the
+  whole key, so any dataset-relevant config change gets its own directory.
+  """
+  blob = json.dumps({"format_version": FORMAT_VERSION, **key}, sort_keys=True,
+                    default=json_default)
+  digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+  name = f"{key['dataset']}-{key['image_size']}px-k{key['group_size']}-{digest}"
+  return os.path.join(root, name)
+
+
+def is_prepared(path: str) -> bool:
+  """A directory is complete iff info.json exists (it is renamed in last)."""
+  return os.path.isfile(os.path.join(path, INFO_FILE))
+
+
+def shard_path(path: str, split: str) -> str:
+  return os.path.join(path, GROUPS_DIR,
+                      f"groups-{split}.array_record-00000-of-00001")

@@ -1,0 +1,166 @@
+"""The run directory: what a training run leaves for export and serving.
+
+    WORKDIR/config.json          the run's config
+    WORKDIR/data_info.json       DataInfo + the prepared dataset's path
+    WORKDIR/eval_metrics.jsonl   one JSON line per evaluation
+    WORKDIR/checkpoints/         Orbax (csctr/training/checkpointing.py)
+
+restore_model rebuilds a trained model from these alone. This module imports
+nothing of the training stack (no Grain, TFDS, optax or tensorboardX), so the
+online scorer can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from csctr.data import batch as batch_lib
+from csctr.data import prepared
+from csctr.model import ctr
+
+METRICS_FILE = "eval_metrics.jsonl"
+# The run's config and DataInfo, written at every start: what restore_model
+# (export, serving) needs to rebuild the model without the config file or
+# the prepared dataset.
+CONFIG_FILE = "config.json"
+DATA_INFO_FILE = "data_info.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def read_eval_log(workdir: str) -> list[dict[str, Any]]:
+  """The evals logged so far; a line cut short by a kill is skipped."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  entries = []
+  with open(path) as f:
+    for line in f:
+      try:
+        entries.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("skipping a partial line of %s: %r", path, line)
+  return entries
+
+
+def truncate_eval_log(workdir: str, last_step: int) -> None:
+  """Drops evals after the restored step: the resumed run redoes them.
+
+  A run killed between an eval and the next checkpoint would otherwise log
+  that eval twice.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  keep = [e for e in read_eval_log(workdir) if e["step"] <= last_step]
+  # Rewritten whole (it is small), which also drops a line a kill cut short.
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(e) + "\n" for e in keep)
+  os.replace(path + ".tmp", path)  # atomic: a kill here loses nothing
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def save_run_files(workdir: str, config: ml_collections.ConfigDict,
+                   info: batch_lib.DataInfo, data_path: str) -> None:
+  """Writes WORKDIR/config.json and data_info.json (+ the dataset path)."""
+  _write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+                     json.loads(config.to_json_best_effort()))
+  _write_json_atomic(os.path.join(workdir, DATA_INFO_FILE),
+                     {**prepared.info_to_json(info), "data_path": data_path})
+
+
+def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
+                                          batch_lib.DataInfo, str]:
+  """(config, info, prepared dataset path) of the run in `workdir`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: was {workdir} written by "
+                            "train.train_and_evaluate?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(workdir, DATA_INFO_FILE)) as f:
+    d = json.load(f)
+  info = batch_lib.DataInfo(
+      sparse_features=tuple(d["sparse_features"]),
+      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
+      num_categories=d["num_categories"], image_size=d["image_size"],
+      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
+      extras=d["extras"])
+  return config, info, d["data_path"]
+
+
+def restore_model(workdir: str, step: int | None = None
+                  ) -> tuple[ctr.CTRModel, ml_collections.ConfigDict,
+                             batch_lib.DataInfo, int]:
+  """(model, config, info, step) of a checkpoint (default: the latest).
+
+  For inference on this process's first device: only params and the other
+  model variables are read, not the optimizer state.
+  """
+  config, info, _ = load_run_files(workdir)
+  abstract_model = nnx.eval_shape(
+      lambda: ctr.build_model(config.model, info, nnx.Rngs(config.seed)))
+  graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      {"params": params, "rest": rest})
+  restored, step = restore_items(
+      checkpoint_dir(workdir), abstract, step)
+  model = nnx.merge(graphdef, restored["params"], restored["rest"])
+  return model, config, info, step
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target sharding, for StandardRestore."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+def restore_items(directory: str | os.PathLike[str], abstract: dict[str, Any],
+                  step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Some top-level entries of a saved train state (e.g. params), read-only.
+
+  For inference (csctr.export, csctr.serving): only the keys of `abstract`
+  (a dict of ShapeDtypeStruct trees with shardings) are read, so the
+  optimizer moments never load. The manager neither creates directories nor
+  cleans up tmp directories, so it is safe beside a trainer that is saving.
+
+  Returns:
+    (restored entries, step); step defaults to the latest committed one.
+  """
+  manager = ocp.CheckpointManager(
+      epath.Path(directory), item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(
+          create=False, cleanup_tmp_directories=False, read_only=True,
+          save_interval_steps=0))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no committed checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract))))
+  finally:
+    manager.close()
+  return dict(restored["state"]), int(step)

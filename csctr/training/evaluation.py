@@ -1,0 +1,51 @@
+"""Evaluation over a whole split, and the eval log it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+from jax.sharding import NamedSharding
+from tensorboardX import SummaryWriter
+
+from csctr import metrics as metrics_lib
+from csctr import rundir
+from csctr.data import batch as batch_lib
+from csctr.data import pipeline
+from csctr.training import mesh as mesh_lib
+
+State = dict[str, Any]
+
+
+def evaluate(eval_step, state: State, config: ml_collections.ConfigDict,
+             data_path: str, info: batch_lib.DataInfo, sharding: NamedSharding,
+             split: str = "test") -> dict[str, Any]:
+  """Metrics over the whole split: predictions are collected, then scored once."""
+  collector = metrics_lib.Collector()
+  for local in pipeline.eval_batches(
+      config, data_path, split=split, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    out = jax.device_get(eval_step(state, mesh_lib.global_batch(local, sharding)))
+    collector.add(out["logits"], out)
+  return collector.compute(info.bayes_auc)
+
+
+def write_eval(workdir: str, writer: SummaryWriter | None, step: int,
+               split: str, values: dict[str, Any]) -> dict[str, Any]:
+  record = {"step": step, "split": split,
+            **metrics_lib.json_safe(values)}
+  logging.info("eval %s step %d: %s", split, step, " ".join(
+      f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+      for k, v in values.items()))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, rundir.METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and v == v:
+        writer.add_scalar(f"{split}/{k}", v, step)
+    writer.flush()
+  return record

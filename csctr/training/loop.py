@@ -1,0 +1,179 @@
+"""The training loop: train, evaluate, checkpoint, resume.
+
+`train_and_evaluate(config, workdir)` is the whole experiment; main.py only
+parses flags. The pieces it wires together live beside it: mesh.py (devices
+and shardings), steps.py (the jitted steps), evaluation.py (full-split evals),
+checkpointing.py (Orbax + Grain state), and csctr/rundir.py (the run
+directory's files, which export and serving read back).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+
+from csctr import metrics as metrics_lib
+from csctr import rundir
+from csctr.data import pipeline
+from csctr.training import checkpointing
+from csctr.training import evaluation
+from csctr.training import mesh as mesh_lib
+from csctr.training import steps as steps_lib
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> str:
+  """Prepares the dataset once per run, not once per process.
+
+  Process 0 prepares first; the others wait at a barrier, then find the
+  shared cache (a shared filesystem) or prepare their own copy (local disks,
+  as on TPU VMs). Concurrent preparers would be safe (prepare renames a
+  finished directory into place) but would redo the same work.
+  """
+  if jax.process_count() == 1:
+    return pipeline.prepare_dataset(config)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  path = pipeline.prepare_dataset(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("csctr:prepare_dataset")
+  return path or pipeline.prepare_dataset(config)
+
+
+class _Progress:
+  """Deferred loss checks and progress lines.
+
+  Step metrics stay on device until a log, eval or checkpoint boundary, so
+  the host never waits on a step it just dispatched; every boundary checks all
+  steps since the last one, before anything is saved.
+  """
+
+  def __init__(self, start_step: int, total: int, writer):
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.total, self.writer = total, writer
+    self.t0, self.s0 = time.perf_counter(), start_step
+
+  def flush(self, log: bool) -> None:
+    if not self.pending:
+      return
+    values = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for s, v in zip(steps, values):
+      if not (np.isfinite(v["loss"]) and np.isfinite(v["grad_norm"])):
+        raise FloatingPointError(
+            f"non-finite loss at step {s} (loss={v['loss']}, "
+            f"grad_norm={v['grad_norm']}); the last checkpoint is the last "
+            "good state")
+    if not log:
+      return
+    step = steps[-1]
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    rate = sum(int(v["impressions"]) for v in values) / dt
+    steps_per_s = (step - self.s0) / dt
+    eta = (self.total - step) / max(steps_per_s, 1e-9)
+    loss = float(np.mean([v["loss"] for v in values]))
+    lr = float(values[-1]["learning_rate"])
+    logging.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.0f "
+                 "impressions/s, %.2f steps/s, ETA %.0fs", step, self.total,
+                 loss, float(values[-1]["grad_norm"]), lr, rate, steps_per_s,
+                 eta)
+    if self.writer is not None:
+      for k, v in (("loss", loss), ("impressions_per_sec", rate),
+                   ("learning_rate", lr),
+                   ("grad_norm", float(values[-1]["grad_norm"]))):
+        self.writer.add_scalar(f"train/{k}", v, step)
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    """Starts a new timing window (after evals and saves, which aren't steps)."""
+    self.t0, self.s0 = time.perf_counter(), step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains config's model, evaluating and checkpointing; resumes from workdir.
+
+  Returns the final eval record (step, split, auc, gauc, logloss,
+  calibration, cold_auc, bayes_auc when known).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config)
+  mesh_lib.check_batch_divides(config, mesh)
+  data_sharding = NamedSharding(mesh, P("data"))
+  data_path = prepare_data(config)
+  info = pipeline.load_info(data_path)
+  logging.info("mesh %s; dataset %s: %s", dict(mesh.shape), data_path, info)
+  if jax.process_index() == 0:
+    rundir.save_run_files(workdir, config, info, data_path)
+
+  steps = steps_lib.build_steps(config, info, mesh)
+  init_fn, abstract, shardings = steps.init_fn, steps.abstract, steps.shardings
+  train_step, eval_step = steps.train_step, steps.eval_step
+  num_params = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+  logging.info("model: %d parameters", num_params)
+  mesh_lib.log_shardings(abstract["params"], shardings["params"])
+
+  train_iter = pipeline.train_iterator(
+      config, data_path, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  ckpt = checkpointing.Checkpointer(rundir.checkpoint_dir(workdir),
+                                    keep=config.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    state = ckpt.restore(start_step, rundir.abstract_with_shardings(
+        abstract, shardings), train_iter)
+  else:
+    state = steps_lib.init_state(init_fn, shardings)
+    if config.model.get("encoder_init"):
+      state = steps_lib.init_encoder_from(state, shardings, config.model.encoder_init)
+  if jax.process_index() == 0:
+    rundir.truncate_eval_log(workdir, start_step)
+  writer = (SummaryWriter(workdir, purge_step=start_step + 1 if start_step
+                          else None) if jax.process_index() == 0 else None)
+
+  total = config.num_train_steps
+  progress = _Progress(start_step, total, writer)
+  record = None
+  try:
+    for step in range(start_step + 1, total + 1):
+      local = next(train_iter)
+      state, step_metrics = train_step(state, mesh_lib.global_batch(local, data_sharding))
+      progress.pending.append((step, step_metrics))
+      last = step == total
+      if (config.log_every and step % config.log_every == 0) or last:
+        progress.flush(log=True)
+      # Eval before checkpoint: a committed checkpoint at step s implies the
+      # eval of step s is logged, so a resume from s never skips it.
+      if (config.eval_every and step % config.eval_every == 0) or last:
+        progress.flush(log=False)
+        record = evaluation.write_eval(workdir, writer, step, "test", evaluation.evaluate(
+            eval_step, state, config, data_path, info, data_sharding))
+        progress.restart(step)
+      if (config.checkpoint_every and step % config.checkpoint_every == 0
+          or last):
+        progress.flush(log=False)  # never save a state after a bad step
+        ckpt.save(step, state, train_iter)
+        progress.restart(step)
+  finally:
+    ckpt.wait()  # a good checkpoint in flight is committed even on error
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+  if record is None:
+    # Nothing left to train: the run was complete. Every process evaluates
+    # (the eval is collective, and only process 0 may see the log file);
+    # the result is the logged final eval, bit for bit, and is not re-logged.
+    values = evaluation.evaluate(eval_step, state, config, data_path, info, data_sharding)
+    record = {"step": total, "split": "test",
+              **metrics_lib.json_safe(values)}
+    if jax.process_index() == 0 and record not in rundir.read_eval_log(workdir):
+      with SummaryWriter(workdir) as writer:
+        evaluation.write_eval(workdir, writer, total, "test", values)
+  return record

@@ -1,0 +1,170 @@
+"""The device mesh and where every array lives on it.
+
+A ('data', 'model') mesh; SHARDING_RULES map each train-state leaf (params
+and optimizer slots) to a PartitionSpec; global_batch assembles a batch whose
+rows are split over 'data' from every process's local part.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from csctr.training import optim
+
+State = dict[str, Any]
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """('data', 'model') mesh over all devices; -1 in config.mesh.shape fills."""
+  shape = list(config.mesh.shape)
+  n = jax.device_count()
+  if shape.count(-1) > 1:
+    raise ValueError(f"at most one -1 in mesh.shape={shape}")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    shape[shape.index(-1)] = n // rest
+  used = int(np.prod(shape))
+  if used > n or (-1 in config.mesh.shape and used != n):
+    raise ValueError(f"mesh.shape={tuple(config.mesh.shape)} does not fit "
+                     f"{n} devices")
+  # A mesh on fewer devices than present (e.g. (1, 1) as a reference run)
+  # takes the first ones. Auto axes: XLA propagates shardings through the
+  # model code, which needs no annotations of its own.
+  return jax.make_mesh(tuple(shape), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:used] if used < n else None)
+
+
+# The sharding table: (path regex, config.mesh switch, spec), first match
+# wins. A leaf's path is its key path joined by '/', e.g.
+# 'params/id_embed/user_id/embedding'; optimizer slots end with their
+# parameter's path ('opt_state/.../sum_of_squares/id_embed/user_id/embedding'),
+# so they always follow their parameter. A rule is skipped when its switch is
+# off or its spec does not split the leaf evenly (XLA needs even shards), so
+# e.g. a table whose rows do not divide over 'model' falls through.
+FSDP = "fsdp"  # spec placeholder: the largest dim that divides over 'data'
+SHARDING_RULES: tuple[tuple[str, str | None, P | str], ...] = (
+    # ID tables: rows over 'model' (the large, sparsely updated part).
+    (r"(^|/)id_embed/[^/]+/embedding$", "shard_embeddings", P("model", None)),
+    # Dense leaves of at least mesh.fsdp_min_size elements: FSDP over 'data'.
+    (r"", "fsdp", FSDP),
+    # Everything else: replicated (plain data parallelism).
+    (r"", None, P()),
+)
+FSDP_MIN_SIZE = 1 << 18  # elements (1 MiB in f32): smaller leaves replicate
+
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+               min_size: int) -> P | None:
+  """Largest dim that splits evenly over 'data'; None if none or too small.
+
+  Small leaves stay replicated: gathering them every step costs more
+  latency than their copies cost memory.
+  """
+  d = mesh.shape["data"]
+  if d == 1 or int(np.prod(shape)) < min_size:
+    return None
+  dims = [i for i in range(len(shape)) if shape[i] % d == 0]
+  if not dims:
+    return None
+  spec = [None] * len(shape)
+  spec[max(dims, key=lambda i: shape[i])] = "data"  # ties: the first dim
+  return P(*spec)
+
+
+def _divides(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> bool:
+  if len(spec) > len(shape):
+    return False
+  return all(axis is None or shape[i] % mesh.shape[axis] == 0
+             for i, axis in enumerate(spec))
+
+
+def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
+                   mesh: jax.sharding.Mesh, shard_embeddings: bool,
+                   fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
+  """The spec of one train-state leaf (params and optimizer slots), by SHARDING_RULES."""
+  name = "/".join(str(k) for k in path)
+  switches = {"shard_embeddings": shard_embeddings, "fsdp": fsdp}
+  for pattern, switch, spec in SHARDING_RULES:
+    if switch is not None and not switches[switch]:
+      continue
+    if not re.search(pattern, name):
+      continue
+    if spec == FSDP:
+      spec = _fsdp_spec(tuple(shape), mesh, fsdp_min_size)
+    if spec is not None and _divides(spec, tuple(shape), mesh):
+      return spec
+  return P()
+
+
+def state_shardings(abstract: State, mesh: jax.sharding.Mesh,
+                    shard_embeddings: bool, fsdp: bool = False,
+                    fsdp_min_size: int = FSDP_MIN_SIZE) -> State:
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: NamedSharding(mesh, partition_spec(
+          optim.key_path_to_tuple(p), x.shape, mesh, shard_embeddings, fsdp,
+          fsdp_min_size)),
+      abstract)
+
+
+def mesh_shardings(abstract: State, mesh: jax.sharding.Mesh,
+                   config: ml_collections.ConfigDict) -> State:
+  """state_shardings with the switches of config.mesh."""
+  m = config.mesh
+  return state_shardings(abstract, mesh, m.shard_embeddings,
+                         m.get("fsdp", False),
+                         m.get("fsdp_min_size", FSDP_MIN_SIZE))
+
+
+def log_shardings(abstract_params: Any, shardings: Any) -> None:
+  """One line per partitioned parameter, so a run's placement is on record."""
+  replicated = 0
+  for (path, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(shardings)):
+    if all(a is None for a in s.spec):
+      replicated += 1
+    else:
+      logging.info("sharding %s %s -> %s", "/".join(
+          map(str, optim.key_path_to_tuple(path))), tuple(x.shape), s.spec)
+  logging.info("sharding: %d parameter arrays replicated", replicated)
+
+
+def check_batch_divides(config: ml_collections.ConfigDict,
+                        mesh: jax.sharding.Mesh) -> None:
+  """Fail early (not deep in XLA) when a batch axis does not split evenly."""
+  d = mesh.shape["data"]
+  k = config.data.group_size
+  sizes = {"groups_per_batch * group_size": config.data.groups_per_batch * k,
+           "unique_images": config.data.unique_images,
+           "eval_groups_per_batch * group_size":
+               config.data.eval_groups_per_batch * k,
+           "eval_unique_images": config.data.eval_unique_images}
+  for name, size in sizes.items():
+    if size % d:
+      raise ValueError(f"{name}={size} is not divisible by the {d} devices "
+                       "of mesh axis 'data'")
+
+
+def global_batch(local: dict[str, np.ndarray],
+                 sharding: NamedSharding) -> dict[str, jax.Array]:
+  """One global batch from every process's local part (rows on 'data').
+
+  Image-row indices are local to a process's image table; the global table
+  stacks the processes' tables in process order, so they are offset here.
+  """
+  if jax.process_count() > 1:
+    offset = jax.process_index() * local["images"].shape[0]
+    local = dict(local)
+    for key in ("ad_image", "behavior_images"):
+      if key in local:
+        local[key] = local[key] + np.int32(offset)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
