@@ -63,6 +63,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from csctr.data import batch as batch_lib
 from csctr.data import byod_items
 from csctr.data import source as source_lib
 from csctr.data.byod_items import DataError  # Re-exported: byod.DataError.
@@ -76,7 +77,10 @@ DEFAULTS = {"test_fraction": 0.2, "seed": 0, "chunk_size": 65536,
             "resize": "pad", "skip_bad_images": True, "image_cache_mb": 512,
             "num_threads": 0}
 _LABELS = {"0": 0.0, "1": 1.0}
-_SPLITS = {"train": 0.0, "test": 1.0}
+# validation rows are train rows for the vocabularies (keys < 0.5), marked
+# is_validation for prepare (the split that selects the model).
+_VALIDATION_KEY = 0.25
+_SPLITS = {"train": 0.0, "validation": _VALIDATION_KEY, "test": 1.0}
 
 
 def _option(config: Any, name: str) -> Any:
@@ -188,8 +192,8 @@ class _Reader:
     if self.mode == "column":
       key = _SPLITS.get(row[self.split].lower())
       if key is None:
-        raise DataError(self.path, f"split {row[self.split]!r} is not train "
-                        "or test", line, "split")
+        raise DataError(self.path, f"split {row[self.split]!r} is not train, "
+                        "validation or test", line, "split")
       return key
     try:
       t = _parse_time(row[self.time])
@@ -267,7 +271,7 @@ def make_source(config: Any) -> source_lib.Source:
   first_user, first_extra = {}, [{} for _ in reader.extras]
   item_first = np.full(n_items, math.inf)
   item_count = np.zeros(n_items, np.int64)
-  times, train = [], 0
+  times, train, marked_validation = [], 0, False
   dropped = unknown = bad = truncated = 0
   for _, rows, item_rows, _, keys in reader.chunks():
     kept = good[item_rows]
@@ -284,18 +288,23 @@ def make_source(config: Any) -> source_lib.Source:
       times.append(keys)
     else:
       train += int((keys < 0.5).sum())
+      marked_validation |= bool((keys == _VALIDATION_KEY).any())
     if num_behaviors and reader.behavior is not None:
       for r in rows:
         b, u, x = reader.behavior_rows(r, good)
         unknown, bad, truncated = unknown + u, bad + x, truncated + (
             len(b) > num_behaviors)
 
-  total, boundary = int(item_count.sum()), 0.5
+  total, boundary, val_from = int(item_count.sum()), 0.5, _VALIDATION_KEY
   if reader.mode == "time":
     keys = np.sort(np.concatenate(times)) if times else np.zeros(0)
     k = int(total * (1.0 - reader.test_fraction))
     boundary = keys[k] if k < total else math.inf
     train = int(np.searchsorted(keys, boundary, side="left"))
+    # The validation split: the latest validation_fraction of train time.
+    k_val = int(train * (1.0 - float(config.data.get("validation_fraction",
+                                                        0.0))))
+    val_from = keys[k_val] if k_val < train else boundary
   for split, count in (("train", train), ("test", total - train)):
     if not count:
       raise DataError(reader.path, f"the {split} split is empty ({total} "
@@ -348,11 +357,15 @@ def make_source(config: Any) -> source_lib.Source:
           "is_cold": item_vocab[it] == 0,
           "impression_id": (start + idx).astype(np.int32),
       }
+      if not want_test and (reader.mode == "time" or marked_validation):
+        chunk["is_validation"] = keys[idx] >= val_from
       if num_behaviors:
         behavior = np.full((len(idx), num_behaviors), -1, np.int32)
         if reader.behavior is not None:
           for j, r in enumerate(sel):
-            b = reader.behavior_rows(r, good)[0][-num_behaviors:]
+            usable = np.asarray(reader.behavior_rows(r, good)[0], np.int64)
+            b = batch_lib.last_valid(usable, np.ones(len(usable), bool),
+                                     num_behaviors)
             behavior[j, :len(b)] = b
         chunk["behavior"] = behavior
       yield chunk

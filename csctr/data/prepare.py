@@ -62,6 +62,7 @@ from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
 
+from csctr.data import autobatch
 from csctr.data import batch as batch_lib
 from csctr.data import prepared
 from csctr import metrics
@@ -224,34 +225,90 @@ def _write_images(source: source_lib.Source, tmp: str) -> dict[str, int]:
           "items_without_image": int((~seen).sum())}
 
 
-def _write_split(source, split, group_size, features, path, scores):
-  """Packs and writes one split; returns its counters."""
-  counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
-  packer = Packer(group_size, MAX_PENDING)
-  # group_size:1 compresses every record on its own, so a random read
-  # decompresses one record; snappy decompresses faster than the default.
-  writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
-  try:
-    for raw in source.impressions(split):
-      chunk = _check_chunk(raw, source)
-      if split == "test" and "true_ctr" in chunk:
-        scores.append((chunk["true_ctr"], chunk["label"], chunk["is_cold"]))
-      chunk.pop("true_ctr", None)
-      counts["impressions"] += len(chunk["item"])
-      counts["clicks"] += int(chunk["label"].sum())
-      counts["cold_impressions"] += int(chunk["is_cold"].sum())
-      for group in packer.add(chunk):
-        writer.write(features.serialize_example(group))
-        counts["groups"] += 1
-    for group in packer.finish():
-      writer.write(features.serialize_example(group))
-      counts["groups"] += 1
-  finally:
-    writer.close()
-  slots = counts["groups"] * group_size
-  counts["packing_efficiency"] = counts["impressions"] / slots if slots else 0.0
-  counts["ctr"] = counts["clicks"] / max(counts["impressions"], 1)
+class _SplitWriter:
+  """Packs one split's chunks into groups, writes them, and counts."""
+
+  def __init__(self, path: str, group_size: int, features):
+    self.k, self.features = group_size, features
+    self.counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
+    self.packer = Packer(group_size, MAX_PENDING)
+    # group_size:1 compresses every record on its own, so a random read
+    # decompresses one record; snappy decompresses faster than the default.
+    self.writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+    self.scores: list[tuple[np.ndarray, ...]] = []  # for the Bayes AUC
+
+  def add(self, chunk: source_lib.ImpressionChunk) -> None:
+    chunk = dict(chunk)
+    true_ctr = chunk.pop("true_ctr", None)
+    if true_ctr is not None:
+      self.scores.append((true_ctr, chunk["label"], chunk["is_cold"]))
+    self.counts["impressions"] += len(chunk["item"])
+    self.counts["clicks"] += int(chunk["label"].sum())
+    self.counts["cold_impressions"] += int(chunk["is_cold"].sum())
+    self._write(self.packer.add(chunk))
+
+  def _write(self, groups) -> None:
+    for group in groups:
+      self.writer.write(self.features.serialize_example(group))
+      self.counts["groups"] += 1
+
+  def close(self) -> dict[str, Any]:
+    """Flushes the partial groups; returns the split's counters."""
+    try:
+      self._write(self.packer.finish())
+    finally:
+      self.writer.close()
+    c = self.counts
+    slots = c["groups"] * self.k
+    c["packing_efficiency"] = c["impressions"] / slots if slots else 0.0
+    c["ctr"] = c["clicks"] / max(c["impressions"], 1)
+    if self.scores:
+      ctr, label, cold = (np.concatenate(x) for x in zip(*self.scores))
+      c["bayes_auc"] = _auc(label, ctr)
+      c["bayes_auc_cold"] = _auc(label[cold], ctr[cold])
+    return c
+
+
+def count_train(source: source_lib.Source) -> np.ndarray:
+  """Train impressions per item row (one extra pass over the train stream)."""
+  counts = np.zeros(source.num_items, np.int64)
+  for raw in source.impressions("train"):
+    items = np.asarray(raw["item"], np.int64)
+    counts += np.bincount(items, minlength=source.num_items)
   return counts
+
+
+def _write_train(source: source_lib.Source, writers: dict[str, "_SplitWriter"],
+                 num_train: int, num_validation: int) -> None:
+  """The train stream: its last `num_validation` impressions are validation.
+
+  A source that marks rows itself (chunk['is_validation'], e.g. BYOD's split
+  column or its timestamps) decides instead.
+
+  Validation impressions wait in memory until the train part has been seen,
+  so that an item absent from the train part is marked cold there (as test
+  impressions of items never trained are).
+  """
+  seen = np.zeros(source.num_items, bool)
+  held, position = [], 0
+  first_val = num_train - num_validation if num_validation else np.inf
+  for raw in source.impressions("train"):
+    chunk = _check_chunk(raw, source)
+    n = len(chunk["item"])
+    if "is_validation" in raw:  # the source says which rows (e.g. a column)
+      val = np.asarray(raw["is_validation"], bool)
+    else:
+      val = np.arange(position, position + n) >= first_val
+    position += n
+    if not val.all():
+      part = {k: v[~val] for k, v in chunk.items()}
+      seen[part["item"]] = True
+      writers["train"].add(part)
+    if val.any():
+      held.append({k: v[val] for k, v in chunk.items()})
+  for chunk in held:
+    chunk["is_cold"] = chunk["is_cold"] | ~seen[chunk["item"]]
+    writers["validation"].add(chunk)
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -260,19 +317,31 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
   return None if np.isnan(value) else value
 
 
-def prepare(source: source_lib.Source, path: str, *, group_size: int,
-            key: dict[str, Any] | None = None) -> str:
+def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
+            key: dict[str, Any] | None = None,
+            validation_fraction: float = 0.0,
+            target_packing: float = autobatch.TARGET_PACKING,
+            max_group_size: int = autobatch.MAX_GROUP_SIZE) -> str:
   """Writes `source` as a prepared dataset at `path` (atomically).
 
   Args:
     source: the dataset to pack.
     path: final directory; must not exist yet.
-    group_size: K, the most impressions per image group.
+    group_size: K, the most impressions per image group, or 'auto': the
+      largest K <= max_group_size whose packing efficiency on the train
+      split's impressions-per-image counts is >= target_packing
+      (csctr/data/autobatch.py).
     key: the dataset-relevant config, recorded in info.json.
+    validation_fraction: the last fraction of the train stream (time order)
+      becomes the 'validation' split, for model selection; 0: none.
+    target_packing: see group_size.
+    max_group_size: see group_size.
 
   Returns:
     `path`.
   """
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction={validation_fraction} outside [0, 1)")
   start = time.time()
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
@@ -283,27 +352,39 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
                               source.num_behaviors)
     groups_dir = os.path.join(tmp, prepared.GROUPS_DIR)
     os.makedirs(groups_dir)
-    splits, scores = {}, []
-    for split in prepared.SPLITS:
-      splits[split] = _write_split(source, split, group_size, features,
-                                   prepared.shard_path(tmp, split), scores)
+    counts = (count_train(source)
+              if validation_fraction or group_size == "auto" else None)
+    if group_size == "auto":
+      group_size = autobatch.choose_group_size(counts, target_packing,
+                                               max_group_size)
+    num_train = int(counts.sum()) if counts is not None else 0
+    num_validation = int(round(num_train * validation_fraction))
+    writers = {s: _SplitWriter(prepared.shard_path(tmp, s), group_size,
+                               features) for s in prepared.SPLITS}
+    try:
+      _write_train(source, writers, num_train, num_validation)
+      for raw in source.impressions("test"):
+        writers["test"].add(_check_chunk(raw, source))
+    finally:
+      splits = {s: w.close() for s, w in writers.items()}
+    if not splits["validation"]["impressions"]:  # no validation asked for
+      del splits["validation"]
+      os.remove(prepared.shard_path(tmp, "validation"))
     tfds.folder_dataset.write_metadata(
         data_dir=groups_dir, features=features, check_data=False,
         split_infos=[tfds.core.SplitInfo(
             name=s, shard_lengths=[c["groups"]], num_bytes=0)
                      for s, c in splits.items()],
         description="csctr image groups (see csctr/data/prepare.py)")
-    bayes_auc, bayes_auc_cold = source.bayes_auc, None
-    if scores:
-      ctr, label, cold = (np.concatenate(x) for x in zip(*scores))
-      if bayes_auc is None:
-        bayes_auc = _auc(label, ctr)
-      bayes_auc_cold = _auc(label[cold], ctr[cold])
+    bayes_auc = source.bayes_auc or splits["test"].get("bayes_auc")
+    bayes_auc_cold = splits["test"].get("bayes_auc_cold")
     extras = {
         "dataset": source.name,
         "format_version": prepared.FORMAT_VERSION,
         "group_size": group_size,
         "packing_efficiency": splits["train"]["packing_efficiency"],
+        "train_items_impressions": (autobatch.histogram(counts)
+                                    if counts is not None else None),
         "splits": splits,
         "bayes_auc_cold": bayes_auc_cold,
         "source_stats": dict(source.stats),

@@ -23,7 +23,8 @@ from csctr.data import batch as batch_lib
 
 # Bump when the on-disk layout changes: it is part of the cache key.
 FORMAT_VERSION = 2
-SPLITS = ("train", "test")
+# validation (optional): the tail of the train stream, for model selection.
+SPLITS = ("train", "validation", "test")
 INFO_FILE = "info.json"
 IMAGES_FILE = "images.npy"
 CATEGORY_FILE = "item_category.npy"

@@ -288,13 +288,15 @@ class Scorer:
                  result: ScoreResult) -> tuple[np.ndarray, np.ndarray]:
     l, d = self._num_behaviors, self._dim
     emb, mask = np.zeros((l, d), np.float32), np.zeros((l,), np.bool_)
-    ids = np.asarray(request.get("behavior_ids", ()), np.int64)[:l]
+    ids = np.asarray(request.get("behavior_ids", ()), np.int64).reshape(-1)
     if ids.size:
       rows, found = self.table.lookup(ids)
       valid = ids >= 0  # -1 = no behaviour, as in the data
       result.behavior_misses = int((valid & ~found).sum())
-      mask[:len(ids)] = valid & found
-      np.take(self._emb, rows, axis=0, out=emb[:len(ids)])
+      # The data's policy: the last L usable ids, oldest first.
+      rows = batch_lib.last_valid(rows, valid & found, l)
+      mask[:len(rows)] = True
+      np.take(self._emb, rows, axis=0, out=emb[:len(rows)])
     return emb, mask
 
   def _ad_embeddings(self, cands: Mapping[str, Any], sparse: np.ndarray,

@@ -39,8 +39,8 @@ def make_init_fn(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
   """The train state as a function of nothing, so it can be traced abstractly.
 
   Keys: params (nnx.Param state), rest (other nnx variables), opt_state, step,
-  rng (key data of the base PRNG key: no layer draws randomness today, but a
-  checkpointed key keeps resume exact once one does).
+  rng (key data of the base PRNG key; step s's dropout key is fold_in(rng,
+  s), so a resumed run draws the same masks).
   """
 
   def init() -> State:
@@ -82,9 +82,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """(state, batch) -> (state, metrics); pure, so jit can donate the state."""
 
   def step(state: State, batch: dict[str, jax.Array]):
+    # A fresh dropout key per step, from the checkpointed base key: resume
+    # replays the same masks.
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]),
+                                     state["step"])
+
     def objective(params):
       model = nnx.merge(graphdef, params, state["rest"])
-      loss = loss_fn(model(batch), batch)
+      loss = loss_fn(model(batch, dropout_rng=dropout_rng), batch)
       return loss, nnx.state(model, nnx.Not(nnx.Param))
 
     (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(
@@ -95,6 +100,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "impressions": jnp.sum(batch["weight"] > 0),
                     "learning_rate": schedule(state["step"])}
+    if "behavior_dropped" in batch:  # DICM: references the budget dropped
+      dropped = jnp.sum(batch["behavior_dropped"])
+      step_metrics["dropped_behavior_refs"] = dropped
+      step_metrics["behavior_refs"] = jnp.sum(batch["behavior_mask"]) + dropped
     return new_state, step_metrics
 
   return step
