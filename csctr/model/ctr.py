@@ -68,10 +68,13 @@ class ImageEncoder(nnx.Module):
         config.backbone, info.image_size, config.visual_dim, spec,
         small_channels=tuple(config.get("small_channels", (32, 32, 64, 64))),
         fc_dim=config.get("fc_dim", 4096),
-        resnet_width=config.get("resnet_width", 64), dtype=dtype, rngs=rngs)
+        resnet_width=config.get("resnet_width", 64),
+        fc_dropout=config.get("fc_dropout", 0.5), dtype=dtype, rngs=rngs)
 
-  def __call__(self, images: jax.Array, categories: jax.Array) -> jax.Array:
-    return self.backbone(normalize_images(images, self.dtype), categories)
+  def __call__(self, images: jax.Array, categories: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    return self.backbone(normalize_images(images, self.dtype), categories,
+                         dropout_rng=dropout_rng)
 
 
 class AttentionUnit(nnx.Module):
@@ -167,14 +170,14 @@ class CTRModel(nnx.Module):
         cross_low_rank=config.cross_low_rank, mlp_dims=tuple(config.mlp_dims),
         dtype=dtype, rngs=rngs)
 
-  def encode_images(self, images: jax.Array,
-                    categories: jax.Array) -> jax.Array | None:
+  def encode_images(self, images: jax.Array, categories: jax.Array,
+                    dropout_rng: jax.Array | None = None) -> jax.Array | None:
     """uint8 [U, H, W, 3], int32 [U] -> [U, d] (None when use_image=False)."""
     if self.encoder is None:
       return None
     if not self.use_category:
       categories = jnp.zeros_like(categories)  # every image in the OOV row
-    emb = self.encoder(images, categories)
+    emb = self.encoder(images, categories, dropout_rng)
     # Late fusion: the visual features are fixed inputs to the CTR model.
     return jax.lax.stop_gradient(emb) if self.late_fusion else emb
 
@@ -199,11 +202,17 @@ class CTRModel(nnx.Module):
         parts.append(self.pooling(ad, emb[rows], mask, ids.get("item_id")))
     return self.head(jnp.concatenate(parts, axis=-1))
 
-  def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
-    """Logits float32 [B]; the CNN runs once per row of batch['images']."""
+  def __call__(self, batch: dict[str, jax.Array],
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B]; the CNN runs once per row of batch['images'].
+
+    dropout_rng: given in training only (CNN-F's fc dropout); without it
+    the model is deterministic, as eval, export and serving need.
+    """
     emb = None
     if self.use_image:
-      emb = self.encode_images(batch["images"], batch["image_category"])
+      emb = self.encode_images(batch["images"], batch["image_category"],
+                               dropout_rng)
     return self.score(batch, emb)
 
 
