@@ -36,15 +36,15 @@ def _ids(path, split):
 
 def test_validation_is_the_latest_fifth_of_train(config):
   path = pipeline.prepare_dataset(config)
-  splits = pipeline.load_info(path).extras["splits"]
-  assert splits["validation"]["impressions"] == 480  # 0.2 * 2400
-  assert splits["train"]["impressions"] == 1920
-  assert splits["test"]["impressions"] == 600  # test is untouched
+  splits = pipeline.load_info(path).splits
+  assert splits["validation"].impressions == 480  # 0.2 * 2400
+  assert splits["train"].impressions == 1920
+  assert splits["test"].impressions == 600  # test is untouched
   train, val, test = (_ids(path, s) for s in ("train", "validation", "test"))
   # Synthetic impression ids are time order: train < validation < test.
   assert train.max() < val.min() and val.max() < test.min()
   assert len(np.unique(np.concatenate([train, val]))) == 2400
-  assert 0.5 < splits["validation"]["bayes_auc"] < 1.0
+  assert 0.5 < splits["validation"].bayes_auc < 1.0
 
 
 def test_best_validation_checkpoint_is_what_test_scores(run, config):

@@ -163,23 +163,16 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
                  source: source_lib.Source) -> source_lib.ImpressionChunk:
   """Validates a Source chunk and casts it to the stored dtypes."""
   n = len(chunk["item"])
-  want = {"item": ((n,), np.int32), "label": ((n,), np.float32),
-          "user_id": ((n,), np.int32), "is_cold": ((n,), np.bool_),
-          "impression_id": ((n,), np.int32),
-          "sparse": ((n, len(source.sparse_features)), np.int32),
-          "dense": ((n, source.num_dense), np.float32)}
-  if source.num_behaviors:
-    want["behavior"] = ((n, source.num_behaviors), np.int32)
   out = {}
-  for key, (shape, dtype) in want.items():
-    if key == "dense" and key not in chunk and not source.num_dense:
-      continue
+  for key, (dtype, shape) in source_lib.chunk_spec(
+      len(source.sparse_features), source.num_dense,
+      source.num_behaviors).items():
     if key not in chunk:
       raise ValueError(f"{source.name}: impression chunk lacks {key!r}")
     value = np.asarray(chunk[key])
-    if value.shape != shape:
+    if value.shape != (n, *shape):
       raise ValueError(f"{source.name}: chunk[{key!r}] has shape "
-                       f"{value.shape}, want {shape}")
+                       f"{value.shape}, want {(n, *shape)}")
     out[key] = value.astype(dtype, copy=False)
   # Out-of-range rows would be clamped silently by XLA's gathers: catch here.
   if n and (out["item"].min() < 0 or out["item"].max() >= source.num_items):
@@ -198,8 +191,6 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
                      f"[0, vocab_size) (vocab_sizes={tuple(vocab)})")
   if not ((out["label"] == 0) | (out["label"] == 1)).all():
     raise ValueError(f"{source.name}: labels must be 0 or 1")
-  if not source.num_dense:
-    out.pop("dense", None)
   if "true_ctr" in chunk:
     out["true_ctr"] = np.asarray(chunk["true_ctr"], np.float32)
   return out
@@ -252,7 +243,7 @@ class _SplitWriter:
       self.writer.write(self.features.serialize_example(group))
       self.counts["groups"] += 1
 
-  def close(self) -> dict[str, Any]:
+  def close(self) -> batch_lib.SplitStats:
     """Flushes the partial groups; returns the split's counters."""
     try:
       self._write(self.packer.finish())
@@ -266,7 +257,7 @@ class _SplitWriter:
       ctr, label, cold = (np.concatenate(x) for x in zip(*self.scores))
       c["bayes_auc"] = _auc(label, ctr)
       c["bayes_auc_cold"] = _auc(label[cold], ctr[cold])
-    return c
+    return batch_lib.SplitStats(**c)
 
 
 def count_train(source: source_lib.Source) -> np.ndarray:
@@ -367,25 +358,24 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
         writers["test"].add(_check_chunk(raw, source))
     finally:
       splits = {s: w.close() for s, w in writers.items()}
-    if not splits["validation"]["impressions"]:  # no validation asked for
+    if not splits["validation"].impressions:  # no validation asked for
       del splits["validation"]
       os.remove(prepared.shard_path(tmp, "validation"))
     tfds.folder_dataset.write_metadata(
         data_dir=groups_dir, features=features, check_data=False,
         split_infos=[tfds.core.SplitInfo(
-            name=s, shard_lengths=[c["groups"]], num_bytes=0)
+            name=s, shard_lengths=[c.groups], num_bytes=0)
                      for s, c in splits.items()],
         description="csctr image groups (see csctr/data/prepare.py)")
-    bayes_auc = source.bayes_auc or splits["test"].get("bayes_auc")
-    bayes_auc_cold = splits["test"].get("bayes_auc_cold")
+    bayes_auc = source.bayes_auc or splits["test"].bayes_auc
+    bayes_auc_cold = splits["test"].bayes_auc_cold
     extras = {
         "dataset": source.name,
         "format_version": prepared.FORMAT_VERSION,
         "group_size": group_size,
-        "packing_efficiency": splits["train"]["packing_efficiency"],
+        "packing_efficiency": splits["train"].packing_efficiency,
         "train_items_impressions": (autobatch.histogram(counts)
                                     if counts is not None else None),
-        "splits": splits,
         "bayes_auc_cold": bayes_auc_cold,
         "source_stats": dict(source.stats),
         "prepare_seconds": round(time.time() - start, 2),
@@ -397,9 +387,9 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
         vocab_sizes=tuple(int(v) for v in source.vocab_sizes),
         num_dense=source.num_dense, num_categories=source.num_categories,
         image_size=source.image_size, num_behaviors=source.num_behaviors,
-        bayes_auc=bayes_auc, extras=extras)
+        bayes_auc=bayes_auc, extras=extras, splits=splits)
     with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
-      json.dump(prepared.info_to_json(info), f, indent=2, default=prepared.json_default)
+      json.dump(info.to_json(), f, indent=2, default=prepared.json_default)
     os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
     try:
       os.rename(tmp, path)

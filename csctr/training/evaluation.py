@@ -49,14 +49,14 @@ def eval_splits(info: batch_lib.DataInfo) -> tuple[str, ...]:
 
 def has_split(info: batch_lib.DataInfo, split: str) -> bool:
   """Whether the prepared dataset holds a non-empty `split`."""
-  return bool(info.extras.get("splits", {}).get(split, {}).get("groups"))
+  return split in info.splits and info.splits[split].groups > 0
 
 
 def split_bayes_auc(info: batch_lib.DataInfo, split: str) -> float | None:
   """The Bayes AUC of a split (simulated data), None when unknown."""
   if split == "test":
     return info.bayes_auc
-  return info.extras.get("splits", {}).get(split, {}).get("bayes_auc")
+  return info.splits[split].bayes_auc if split in info.splits else None
 
 
 def write_eval(workdir: str, writer: SummaryWriter | None, step: int,

@@ -156,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         abstract, shardings), train_iter)
   else:
     state = steps_lib.init_state(init_fn, shardings)
-    if config.model.get("encoder_init"):
+    if config.model.encoder_init:
       state = steps_lib.init_encoder_from(state, shardings, config.model.encoder_init)
   # With a validation split, evals during training are on it and select the
   # best checkpoint; test is scored once, at the end, on that checkpoint.
