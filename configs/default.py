@@ -32,6 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.groups_per_batch = 8  # G groups; B = G * K impression slots
   config.data.unique_images = 8  # U rows of the unique-image table (>= G)
   config.data.num_behaviors = 0  # L behaviour images per impression (DICM)
+  # Vocabularies (csctr/data/vocab.py), built on the train split: ids seen
+  # fewer than min_count times there share the OOV row 0 with the ids never
+  # seen (cold items then get the row rare items trained); hash_buckets > 0
+  # hashes those ids into that many extra rows instead.
+  config.data.min_count = 1
+  config.data.hash_buckets = 0
   config.data.eval_groups_per_batch = 32
   config.data.eval_unique_images = 32
   config.data.worker_count = 0  # Grain worker processes (0 = in-process)

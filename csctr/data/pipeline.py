@@ -75,7 +75,9 @@ def dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
   name = config.dataset
   key = {"dataset": name, "image_size": config.data.image_size,
          "group_size": config.data.group_size,
-         "num_behaviors": config.data.num_behaviors}
+         "num_behaviors": config.data.num_behaviors,
+         "vocab": {"min_count": config.data.min_count,
+                   "hash_buckets": config.data.hash_buckets}}
   if name == "synthetic":
     key["synthetic"] = config.synthetic.to_dict()
   elif name == "fashion_mnist":
