@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -67,24 +66,12 @@ def _worker(rows: list[int], devices: int) -> list[dict[str, Any]]:
 
 def _run_device_count(rows: list[int], devices: int) -> list[dict[str, Any]]:
   """The worker for one device count in a fresh process (XLA_FLAGS, memory)."""
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-  if devices > 1:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
-                        f"platform_device_count={devices}")
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker",
-         f"--rows={','.join(map(str, rows))}", f"--devices={devices}",
-         f"--embed_optimizer={_OPTIMIZER.value}", f"--runs={_RUNS.value}",
-         f"--min_run_s={_MIN_RUN_S.value}",
-         *[a for a in sys.argv[1:] if a.startswith("--config")]]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=3600)
-  sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
-                           if not line.startswith("RESULT ")))
-  if proc.returncode:
-    raise RuntimeError(f"{devices}-device sweep failed:\n"
-                       f"{proc.stderr[-3000:]}")
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  return step_timing.run_worker(
+      __file__, [f"--rows={','.join(map(str, rows))}", f"--devices={devices}",
+                 f"--embed_optimizer={_OPTIMIZER.value}", f"--runs={_RUNS.value}",
+                 f"--min_run_s={_MIN_RUN_S.value}",
+                 *[a for a in sys.argv[1:] if a.startswith("--config")]],
+      devices, timeout=3600)
 
 
 def _print_table(points: list[dict[str, Any]]) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -96,22 +95,12 @@ def unique_images_sweep(base, sizes: list[int]) -> list[dict[str, Any]]:
 
 
 def _sharded_rows_in_subprocess(rows: list[int], devices: int) -> list[dict]:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                       f" --xla_force_host_platform_device_count={devices}")}
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker",
-         f"--rows={','.join(map(str, rows))}",
-         f"--model_devices={devices}", f"--runs={_RUNS.value}",
-         f"--min_run_s={_MIN_RUN_S.value}",
-         *[a for a in sys.argv[1:] if a.startswith("--config")]]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=600)
-  sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
-                           if not line.startswith("RESULT ")))
-  if proc.returncode:
-    raise RuntimeError(f"sharded rows sweep failed:\n{proc.stderr[-3000:]}")
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  return step_timing.run_worker(
+      __file__, [f"--rows={','.join(map(str, rows))}",
+                 f"--model_devices={devices}", f"--runs={_RUNS.value}",
+                 f"--min_run_s={_MIN_RUN_S.value}",
+                 *[a for a in sys.argv[1:] if a.startswith("--config")]],
+      devices)
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -16,9 +16,12 @@ temporaries), per device.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -237,3 +240,28 @@ def rows_sweep(base: ml_collections.ConfigDict, rows: list[int],
           f"{r['step_s'] * 1e3:.1f} ms/step, "
           f"{r.get('peak_bytes', 0) / 2**20:.1f} MiB/device", flush=True)
   return out
+
+
+def run_worker(script: str, args: list[str], devices: int,
+               timeout: float = 600) -> Any:
+  """`script --worker ARGS` in a fresh process (on N fake CPU devices if N > 1).
+
+  Fake devices (XLA_FLAGS=--xla_force_host_platform_device_count) exist only
+  in a process that sets the flag before JAX starts. The worker prints its
+  result as one 'RESULT <json>' line; its other output is passed through.
+  """
+  env = dict(os.environ)
+  if devices > 1:  # fake devices are CPU devices
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
+                        f"platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker",
+                         *args], env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
+                           if not line.startswith("RESULT ")))
+  if proc.returncode:
+    raise RuntimeError(f"{os.path.basename(script)} worker on {devices} "
+                       f"device(s) failed:\n{proc.stderr[-3000:]}")
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
