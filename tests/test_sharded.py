@@ -128,9 +128,10 @@ def test_sharding_table_by_rule():
   # The rules read only the axis sizes, so no devices are needed.
   mesh = types.SimpleNamespace(shape={"data": 4, "model": 2})
 
-  def spec(path, shape, shard=True, fsdp=True, min_size=1024):
+  def spec(path, shape, shard=True, fsdp=True, min_size=1024,
+           axes=("model",)):
     return mesh_lib.partition_spec(tuple(path.split("/")), shape, mesh, shard,
-                                fsdp, min_size)
+                                   fsdp, min_size, axes)
 
   table = "params/id_embed/user_id/embedding"
   slot = "embed_opt/accumulator/" + table[7:]
@@ -140,9 +141,8 @@ def test_sharding_table_by_rule():
   assert spec(table, (1000, 16), shard=False) == P("data", None)  # FSDP
   assert spec(table, (1000, 16), shard=False, fsdp=False) == P()
   # Over every device, by mesh.embedding_axes.
-  assert mesh_lib.partition_spec(
-      tuple(table.split("/")), (1000, 16), mesh, True,
-      embedding_axes=("data", "model")) == P(("data", "model"), None)
+  assert spec(table, (1000, 16), axes=("data", "model")) == P(
+      ("data", "model"), None)
   # Rows that do not split are an error, never a silent replication.
   with pytest.raises(ValueError, match="table_row_multiple"):
     spec(table, (1001, 16))

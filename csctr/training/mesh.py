@@ -62,7 +62,6 @@ SHARDING_RULES: tuple[tuple[str, str | None, P | str], ...] = (
     # Everything else: replicated (plain data parallelism).
     (r"", None, P()),
 )
-FSDP_MIN_SIZE = 1 << 18  # elements (1 MiB in f32): smaller leaves replicate
 
 
 def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh,
@@ -112,8 +111,8 @@ def _rows_spec(name: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
 
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh, shard_embeddings: bool,
-                   fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_SIZE,
-                   embedding_axes: tuple[str, ...] = ("model",)) -> P:
+                   fsdp: bool, fsdp_min_size: int,
+                   embedding_axes: tuple[str, ...]) -> P:
   """The spec of one train-state leaf (params and optimizer slots), by SHARDING_RULES."""
   name = "/".join(str(k) for k in path)
   switches = {"shard_embeddings": shard_embeddings, "fsdp": fsdp}
@@ -132,9 +131,9 @@ def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
 
 
 def state_shardings(abstract: State, mesh: jax.sharding.Mesh,
-                    shard_embeddings: bool, fsdp: bool = False,
-                    fsdp_min_size: int = FSDP_MIN_SIZE,
-                    embedding_axes: tuple[str, ...] = ("model",)) -> State:
+                    shard_embeddings: bool, fsdp: bool,
+                    fsdp_min_size: int,
+                    embedding_axes: tuple[str, ...]) -> State:
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, partition_spec(
           optim.key_path_to_tuple(p), x.shape, mesh, shard_embeddings, fsdp,
@@ -147,9 +146,7 @@ def mesh_shardings(abstract: State, mesh: jax.sharding.Mesh,
   """state_shardings with the switches of config.mesh."""
   m = config.mesh
   return state_shardings(abstract, mesh, m.shard_embeddings,
-                         m.get("fsdp", False),
-                         m.get("fsdp_min_size", FSDP_MIN_SIZE),
-                         tuple(m.embedding_axes))
+                         m.fsdp, m.fsdp_min_size, tuple(m.embedding_axes))
 
 
 def log_shardings(abstract_params: Any, shardings: Any) -> None:
