@@ -26,6 +26,10 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
         "plots": ["matplotlib>=3.8,<4"],
+        # benchmarks/peer_pytorch.py only (not in [test]: its test skips
+        # without it). A torch already installed that satisfies the range is
+        # kept; pip's CPU wheel: pip install torch==2.13.0.
+        "peer": ["torch>=2.4,<3"],
         "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
     },
 )
