@@ -136,20 +136,24 @@ def time_train_step(config: ml_collections.ConfigDict,
           **cost(compiled), **memory_bytes(compiled)}
 
 
-def step_runner(config: ml_collections.ConfigDict, info: batch_lib.DataInfo
+def step_runner(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
+                compiler_options: dict[str, Any] | None = None
                 ) -> tuple[Callable[[int], float], int]:
   """(n -> seconds for n train steps, parameter count), for interleaved timing.
 
   The trainer's own compiled step (steps_lib.build_steps) on timing_batch,
   its state carried from call to call; each call ends with
   block_until_ready, so its seconds are the steps' own. Lets a benchmark
-  alternate between implementations (benchmarks/peer_pytorch.py).
+  alternate between implementations (benchmarks/peer_pytorch.py);
+  compiler_options (XLA debug options, e.g. {'xla_cpu_use_xnnpack': True})
+  compare compilations of one step in one process.
   """
   mesh = mesh_lib.make_mesh(config)
   steps = steps_lib.build_steps(config, info, mesh)
   holder = {"state": init_state(steps)}
   batch = timing_batch(config, info, steps)
-  compiled = steps.train_step.lower(holder["state"], batch).compile()
+  compiled = steps.train_step.lower(holder["state"], batch).compile(
+      compiler_options)
   n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
 
   def run(n: int) -> float:
