@@ -24,7 +24,12 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
+        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
+                 # [gcp] and the GCS emulator the gs:// tests run against
+                 "gcsfs>=2024.2", "google-cloud-storage>=2.14,<4", "gcp-storage-emulator>=2024.8"],
+        # gs:// paths: gcsfs for etils.epath, google-cloud-storage for
+        # tensorboardX's event files (Orbax writes arrays with tensorstore).
+        "gcp": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
         "plots": ["matplotlib>=3.8,<4"],
         # benchmarks/peer_pytorch.py only (not in [test]: its test skips
         # without it). A torch already installed that satisfies the range is
