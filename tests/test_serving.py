@@ -258,5 +258,7 @@ def test_stablehlo_round_trip(scorer, tmp_path):
           np.zeros((0, ad.shape[1]), np.float32), np.zeros((0,), bool))
   np.testing.assert_allclose(
       np.asarray(exported.call(*args)),
-      np.asarray(scorer._score_jit(scorer._state, *args)),  # pylint: disable=protected-access
+      np.asarray(scorer._score_jit(  # pylint: disable=protected-access
+          scorer._state, *args[:3], args[3][None], args[4][None],  # pylint: disable=protected-access
+          np.zeros(16, np.int32))),
       atol=1e-6)
