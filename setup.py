@@ -2,6 +2,11 @@
 
 import setuptools
 
+# python -m csctr.serve (HTTP parser, event loop, JSON) and the load
+# generator of benchmarks/serving_load.py (aiohttp).
+_SERVE = ["httptools>=0.6,<1", "orjson>=3.9,<4",
+          "uvloop>=0.19,<1; sys_platform != 'win32'", "aiohttp>=3.9,<4"]
+
 setuptools.setup(
     name="csctr",
     version="0.1.0",
@@ -24,8 +29,9 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
+        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8", *_SERVE],
         "plots": ["matplotlib>=3.8,<4"],
         "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
+        "serve": _SERVE,
     },
 )

@@ -226,11 +226,12 @@ def test_dicm_behaviours_and_dense_match_the_model(tmp_path):
                      categories[cand], rng.integers(0, 5, n)], 1)
   dense = rng.normal(size=(n, 2)).astype(np.float32)
   behavior = [104, 999, 111]  # 999: not in the table -> masked, counted
-  result = scorer.score({
+  request = {
       "user": {"user_id": 7}, "behavior_ids": np.array(behavior),
       "candidates": {"image_id": 100 + cand, "item_id": sparse[:, 1],
                      "category_id": sparse[:, 2], "position": sparse[:, 3],
-                     "dense": dense}})
+                     "dense": dense}}
+  result = scorer.score(request)
   assert result.behavior_misses == 1 and result.misses == 0
 
   rows = np.concatenate([cand, [4, 0, 11]])  # unique-image table, contract
@@ -241,6 +242,16 @@ def test_dicm_behaviours_and_dense_match_the_model(tmp_path):
            "sparse": sparse.astype(np.int32), "dense": dense}
   expected = np.asarray(jax.jit(lambda b: model(b))(batch))
   np.testing.assert_allclose(result.logits, expected, atol=ATOL)
+
+  # Merged requests (as the server's micro-batches): each request keeps its
+  # own behaviours; 13 rows over buckets of 8 split across requests.
+  other = {"user": {"user_id": 2}, "behavior_ids": np.array([111, 127]),
+           "candidates": {k: v[:3] for k, v in request["candidates"].items()}}
+  merged = scorer.score_many([request, other, request])
+  for got, alone in zip(merged, [result, scorer.score(other), result]):
+    np.testing.assert_allclose(got.logits, alone.logits, atol=1e-6)
+    assert got.behavior_misses == alone.behavior_misses
+  assert [len(r.logits) for r in merged] == [5, 3, 5]
 
 
 def test_stablehlo_round_trip(scorer, tmp_path):

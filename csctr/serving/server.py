@@ -414,9 +414,10 @@ def run(workdir: str, host: str = "127.0.0.1", port: int = 8080,
 
   try:
     import uvloop  # pylint: disable=g-import-not-at-top
-    uvloop.run(main())
-  except ImportError:
-    asyncio.run(main())
+  except ImportError:  # optional (not on Windows): asyncio's own loop
+    uvloop = None
+  try:
+    (uvloop.run if uvloop else asyncio.run)(main())
   finally:
     service.close()
 
