@@ -145,6 +145,13 @@ async def _drive(url: str, bodies: list[bytes], rate: float
           "errors": errors + len(pending), "requests": count}
 
 
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a process, all its threads (Linux)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _plot(results: list[dict], path: str, note: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -180,7 +187,15 @@ def main(argv):
   results, loads = [], []
   try:
     for rate in (float(r) for r in _RATES.value):
-      results.append(asyncio.run(_drive(base + "/v1/score", bodies, rate)))
+      server_cpu, client_cpu = _cpu_seconds(proc.pid), time.process_time()
+      result = asyncio.run(_drive(base + "/v1/score", bodies, rate))
+      # CPU per answered request: what the load would cost on idle cores.
+      done = max(result["requests"] - result["errors"], 1)
+      result["server_cpu_ms"] = round(
+          1e3 * (_cpu_seconds(proc.pid) - server_cpu) / done, 3)
+      result["client_cpu_ms"] = round(
+          1e3 * (time.process_time() - client_cpu) / done, 3)
+      results.append(result)
       loads.append(round(os.getloadavg()[0], 2))
   finally:
     proc.terminate()
@@ -189,11 +204,13 @@ def main(argv):
                     "candidates": _CANDIDATES.value, "cpus": os.cpu_count(),
                     "workdir": workdir}))
   print(f"\n{'target':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>7} {'load':>5}")
+        f"{'errors':>7} {'srv cpu ms':>10} {'cli cpu ms':>10} {'load':>5}")
   for r, load in zip(results, loads):
     print(f"{r['target_rps']:8.0f} {r['achieved_rps']:9.1f} "
           f"{r['p50_ms'] or float('nan'):8.2f} "
-          f"{r['p99_ms'] or float('nan'):8.2f} {r['errors']:7d} {load:5.1f}")
+          f"{r['p99_ms'] or float('nan'):8.2f} {r['errors']:7d} "
+          f"{r['server_cpu_ms']:10.3f} {r['client_cpu_ms']:10.3f} "
+          f"{load:5.1f}")
   if _PLOT.value:
     _plot(results, _PLOT.value, f"{os.cpu_count()} shared cores, load "
           f"{min(loads)}-{max(loads)}")

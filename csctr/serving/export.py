@@ -50,6 +50,7 @@ place, so a reader never sees a partial table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging as py_logging
@@ -189,15 +190,23 @@ class _Progress:
     sys.stderr.flush()
 
 
-def make_encode_fn(model: ctr.CTRModel):
-  """Jitted (uint8 images, categories) -> float32 embeddings, params bound."""
-  graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=8)
+def _encode_jit(graphdef: nnx.GraphDef):
+  """One jitted encoder per model structure: a hot-swapped checkpoint of
+  the same model (csctr.serve) reuses its compiled code."""
 
   @jax.jit
   def encode(state, images, categories):
     emb = nnx.merge(graphdef, state).encode_images(images, categories)
     return emb.astype(jnp.float32)
 
+  return encode
+
+
+def make_encode_fn(model: ctr.CTRModel):
+  """Jitted (uint8 images, categories) -> float32 embeddings, params bound."""
+  graphdef, state = nnx.split(model)
+  encode = _encode_jit(graphdef)
   return lambda images, categories: encode(state, images, categories)
 
 
