@@ -18,8 +18,6 @@ import sys
 import threading
 import urllib.parse
 
-from flax import nnx
-import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -29,7 +27,7 @@ from csctr.data import pipeline
 from csctr.data import vocab as vocab_lib
 from csctr.serving import export
 from csctr.serving import server
-from csctr.training import steps as steps_lib
+import testutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "s3cret"
@@ -136,22 +134,10 @@ def _score(base, request):
 
 def test_scores_equal_the_trainers_eval_logits_on_raw_ids(run, url):
   workdir, data = run["workdir"], run["data"]
-  model, config, _, _ = rundir.restore_model(workdir)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  eval_step = jax.jit(steps_lib.make_eval_step(graphdef))
-  state = {"params": params, "rest": rest}
-  groups = pipeline.groups_source(data, "test")
-  g, k = config.data.eval_groups_per_batch, config.data.group_size
   vocab = vocab_lib.load_vocabularies(data)
   raw = {name: dict(zip(v.lookup(v.ids), v.ids)) for name, v in vocab.items()}
   requests, expected = [], []
-  for b, batch in enumerate(pipeline.eval_batches(config, data)):
-    logits = np.asarray(eval_step(state, batch)["logits"])
-    item = np.full(g * k, -1)
-    for j in range(g):
-      if b * g + j < len(groups):
-        item[j * k:(j + 1) * k] = groups[b * g + j]["item"]
-    real = np.flatnonzero(batch["weight"] > 0)
+  for batch, logits, item, real in testutil.trainer_eval_slots(workdir, data):
     sparse = batch["sparse"]
     for user in np.unique(sparse[real, 0]):  # a request per user and batch
       rows = real[sparse[real, 0] == user]

@@ -14,7 +14,7 @@ from csctr.data import pipeline
 from csctr.model import ctr
 from csctr import serving
 from csctr import rundir
-from csctr.training import steps as steps_lib
+import testutil
 
 ATOL = 1e-5
 
@@ -48,21 +48,10 @@ def _request(user, sparse, image_ids, **extra):
 def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
   model, config, info, _ = restored
   _, _, data_path = rundir.load_run_files(workdir)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  eval_step = jax.jit(steps_lib.make_eval_step(graphdef))  # the trainer's own
-  state = {"params": params, "rest": rest}
-  groups = pipeline.groups_source(data_path, "test")
   images = np.load(os.path.join(data_path, "images.npy"))
-  g, k = config.data.eval_groups_per_batch, config.data.group_size
   compared = 0
-  for b, batch in enumerate(pipeline.eval_batches(config, data_path)):
-    logits = np.asarray(eval_step(state, batch)["logits"])
-    # The image id of a slot is the item of its group record.
-    item = np.full(g * k, -1)
-    for j in range(g):
-      if b * g + j < len(groups):
-        item[j * k:(j + 1) * k] = groups[b * g + j]["item"]
-    real = np.flatnonzero(batch["weight"] > 0)
+  for batch, logits, item, real in testutil.trainer_eval_slots(workdir,
+                                                               data_path):
     np.testing.assert_array_equal(  # the mapping is right: same pixels
         batch["images"][batch["ad_image"][real]], images[item[real]])
     users = batch["sparse"][real, 0]

@@ -259,7 +259,7 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
     sums = np.zeros((num_categories, d), np.float64)
     counts = np.zeros(num_categories, np.int64)
 
-    def add(pos: np.ndarray, emb: np.ndarray) -> None:
+    def add(pos: np.ndarray, emb: np.ndarray, table=table) -> None:
       table[pos] = emb
       cats = np.clip(categories[pos], 0, num_categories - 1)
       np.add.at(sums, cats, emb)
@@ -270,7 +270,7 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
     timing = _encode_rows(encode, source, first, new_pos, batch_size, add,
                           progress)
     table.flush()
-    del table
+    del add, table  # closes the memory map
     global_mean = sums.sum(0) / max(counts.sum(), 1)
     mean = np.where(counts[:, None] > 0,
                     sums / np.maximum(counts, 1)[:, None], global_mean)
