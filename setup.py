@@ -29,7 +29,13 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8", *_SERVE],
+        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
+                 # [gcp] and the GCS emulator the gs:// tests run against
+                 "gcsfs>=2024.2", "google-cloud-storage>=2.14,<4", "gcp-storage-emulator>=2024.8",
+                 *_SERVE],
+        # gs:// paths: gcsfs for etils.epath, google-cloud-storage for
+        # tensorboardX's event files (Orbax writes arrays with tensorstore).
+        "gcp": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
         "plots": ["matplotlib>=3.8,<4"],
         "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
         "serve": _SERVE,
