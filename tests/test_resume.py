@@ -74,7 +74,9 @@ def _command(workdir, data_dir, hang_in_save=None):
           # Validation evals select a best checkpoint, which must resume
           # exactly too (a second Orbax manager beside the train state).
           "--config.data.validation_fraction=0.2",
-          f"--workdir={workdir}"]
+          # ID dropout draws from the checkpointed rng: resume must redraw
+          # exactly what the uninterrupted run drew.
+          "--config.model.id_dropout=0.1", f"--workdir={workdir}"]
 
 
 def _run(workdir, data_dir, env):

@@ -80,7 +80,9 @@ def dataset_key(config: Config) -> dict[str, Any]:
   auto = d.batching == "auto"
   key = {"dataset": dataset.name, "image_size": d.image_size,
          "group_size": "auto" if auto else d.group_size,
-         "num_behaviors": d.num_behaviors, **dataset.key_inputs(config)}
+         "num_behaviors": d.num_behaviors,
+         "vocab": {"min_count": d.min_count, "hash_buckets": d.hash_buckets},
+         **dataset.key_inputs(config)}
   # Only when set, so the keys (and caches) of older configs do not change.
   if auto:
     key["target_packing"] = d.target_packing
