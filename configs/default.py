@@ -129,6 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training only: each ID becomes the OOV row 0 with this probability, so
   # the row cold ids are served from is trained (csctr/model/embeddings.py).
   config.model.id_dropout = 0.0
+  # Cold start: an item_id in the OOV row adds a learned projection of its
+  # image embedding (csctr/model/ctr.py); pair it with min_count/id_dropout
+  # so the OOV row and the projection are trained.
+  config.model.item_backoff = False
   config.model.behavior_pooling = "none"  # none | sum | max | attentive | multi_query
   config.model.head = "dcn"  # dcn | dcnv2 | lr | dnn
   config.model.cross_layers = 3

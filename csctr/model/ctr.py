@@ -156,6 +156,18 @@ class CTRModel(nnx.Module):
       encoder = ImageEncoder(config, info, dtype=dtype, rngs=rngs)
       in_dim += config.visual_dim
     self.encoder = nnx.data(encoder)
+    # Content back-off for cold start: an item in the OOV row (never seen,
+    # rarer than min_count, or dropped by id_dropout) gets the OOV vector
+    # plus a learned projection of its image embedding, so its item_id slot
+    # says something about this item rather than about all rare items.
+    backoff = None
+    if config.get("item_backoff", False):
+      if not self.use_image:
+        raise ValueError("item_backoff needs use_image=True")
+      self.item_col = info.feature_index("item_id")
+      backoff = nnx.Linear(config.visual_dim, config.embed_dim, dtype=dtype,
+                           rngs=rngs)
+    self.backoff = nnx.data(backoff)
     pooling = config.behavior_pooling
     if pooling != "none":
       if not self.use_image:
@@ -201,12 +213,17 @@ class CTRModel(nnx.Module):
                        for i, name in enumerate(self.sparse_features)}
     ids = {name: id_embeddings[name].astype(self.dtype)
            for name in self.sparse_features}
+    if self.use_image:
+      emb = image_embeddings.astype(self.dtype)
+      ad = emb[batch["ad_image"]]
+      if self.backoff is not None:
+        oov = batch["sparse"][:, self.item_col] == 0
+        ids["item_id"] = ids["item_id"] + jnp.where(
+            oov[:, None], self.backoff(ad), 0).astype(self.dtype)
     parts = list(ids.values())
     if self.num_dense:
       parts.append(batch["dense"].astype(self.dtype))
     if self.use_image:
-      emb = image_embeddings.astype(self.dtype)
-      ad = emb[batch["ad_image"]]
       parts.append(ad)
       if self.pooling is not None:
         rows = batch["behavior_images"]

@@ -126,8 +126,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def objective(dense, id_embeddings):
       model = nnx.merge(graphdef, nnx.merge_state(tables, dense),
                         state["rest"])
-      loss = loss_fn(model(batch, id_embeddings, dropout_rng=dropout_rng),
-                     batch)
+      # The model sees the ids it was given (after id dropout), so that a
+      # dropped id is OOV everywhere, content back-off included.
+      loss = loss_fn(model(dict(batch, sparse=sparse), id_embeddings,
+                           dropout_rng=dropout_rng), batch)
       return loss, nnx.state(model, nnx.Not(nnx.Param))
 
     per_impression = {n: f.rows[f.inverse] for n, f in found.items()}
