@@ -59,6 +59,8 @@ from csctr import configlib  # pylint: disable=g-import-not-at-top
 from csctr import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
 METRICS = ("auc", "gauc", "cold_auc", "logloss")
+# csctr/training/baselines.py's, listed first in every table.
+BASELINES = ("popularity", "item_ctr", "user_category", "id_lr")
 DATASETS = ("synthetic", "fashion_mnist")
 # Grid rows, weakest first. Values are config.model overrides; encoder_init
 # is filled in by the runner (the workdir of the same seed's `none` run).
@@ -263,7 +265,16 @@ def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
   groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for run in runs.values():
     groups.setdefault((run["dataset"], run["variant"]), []).append(run)
-  order = {v: i for i, v in enumerate(list(VARIANTS) + list(DICM_VARIANTS))}
+    # Baselines beside the model rows: fitted on the same train split and
+    # scored on the same test split, once per (dataset, seed) run.
+    for name, values in run.get("baselines", {}).items():
+      baseline = {"seed": run["seed"], "wall_s": 0.0, "record": values}
+      members = groups.setdefault((run["dataset"], f"baseline_{name}"), [])
+      if all(m["seed"] != run["seed"] for m in members):
+        members.append(baseline)
+  order = {v: i for i, v in enumerate(
+      [f"baseline_{b}" for b in BASELINES] + list(VARIANTS)
+      + list(DICM_VARIANTS))}
   rows = []
   for (dataset, variant), members in sorted(
       groups.items(), key=lambda kv: (
@@ -600,7 +611,13 @@ def train_runner(config: ml_collections.ConfigDict,
     jax.clear_caches()  # compiled programs of finished runs: memory only
   # The cold items' ceiling, which prepare records beside the Bayes AUC.
   info = pipeline.load_info(pipeline.prepare_dataset(config))
-  return {**record, "bayes_auc_cold": info.extras.get("bayes_auc_cold")}
+  record = {**record, "bayes_auc_cold": info.extras.get("bayes_auc_cold")}
+  # The non-visual baselines of the same split (WORKDIR/baselines.json).
+  path = os.path.join(workdir, "baselines.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      record["baselines"] = json.load(f).get("test", {})
+  return record
 
 
 def run_grid(cells: Sequence[Cell], mode: Mode, out_dir: str, work_root: str,
@@ -634,7 +651,9 @@ def run_grid(cells: Sequence[Cell], mode: Mode, out_dir: str, work_root: str,
             "bayes_auc", "bayes_auc_cold", "calibration", "num_impressions",
             "step")},
         "wall_s": round(wall, 1), "settings_hash": settings_hash(cell, mode),
-        "overrides": cell_overrides(cell, mode)}
+        "overrides": cell_overrides(cell, mode),
+        "baselines": {name: {k: values.get(k) for k in METRICS}
+                      for name, values in record.get("baselines", {}).items()}}
     result["run_wall_s"] = sum(r["wall_s"] for r in result["runs"].values())
     write_outputs(result, out_dir, figure, readme)
     log(f"[{i + 1}/{len(cells)}] {cell.key}: auc={record.get('auc'):.4f} "
