@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from csctr import metrics
 from csctr.data import batch as batch_lib
 from csctr.model import ctr
 
@@ -37,6 +38,19 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def eval_record(step: int, split: str,
+                values: dict[str, Any]) -> dict[str, Any]:
+  """One line of METRICS_FILE: step, split and metrics.EVAL_FIELDS.
+
+  NaN (an undefined AUC) is written as null: strict JSON has no NaN.
+  """
+  unknown = set(values) - set(metrics.EVAL_FIELDS)
+  if unknown:
+    raise ValueError(f"eval values {sorted(unknown)} are not in "
+                     f"metrics.EVAL_FIELDS {metrics.EVAL_FIELDS}")
+  return {"step": step, "split": split, **metrics.json_safe(values)}
 
 
 def read_eval_log(workdir: str) -> list[dict[str, Any]]:

@@ -45,7 +45,6 @@ import json
 import logging as py_logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -63,6 +62,7 @@ from csctr.data import batch as batch_lib
 from csctr.model import ctr
 from csctr.data import prepared
 from csctr import rundir
+from csctr import progress as progress_lib
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -151,28 +151,6 @@ def _check_source(source: ImageSource, info: batch_lib.DataInfo) -> None:
 # ---------------------------------------------------------------- writing
 
 
-class _Progress:
-  """One self-overwriting stderr line: done/total, images/s, ETA."""
-
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled = total, enabled
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if not self.enabled or (now - self.last < 0.5 and done < self.total):
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    sys.stderr.write(f"\rexport: {done}/{self.total} images "
-                     f"({100 * done / max(self.total, 1):.0f}%) "
-                     f"{rate:.0f} images/s ETA {eta:.0f}s ")
-    if done >= self.total:
-      sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def make_encode_fn(model: ctr.CTRModel):
   """Jitted (uint8 images, categories) -> float32 embeddings, params bound."""
   graphdef, state = nnx.split(model)
@@ -228,7 +206,7 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
         np.zeros((batch_size, *source.images.shape[1:]), np.uint8),
         np.zeros(batch_size, np.int32)))
     compile_seconds = time.perf_counter() - start
-    bar = _Progress(n, progress)
+    bar = progress_lib.ProgressLine("export", "images", n, enabled=progress)
     start = time.perf_counter()
 
     def host_batch(lo: int) -> tuple[np.ndarray, np.ndarray]:
