@@ -6,7 +6,10 @@ setuptools.setup(
     name="csctr",
     version="0.1.0",
     description="Category-Specific CNN (CSCNN) and DICM visual CTR models in JAX/Flax NNX.",
-    packages=setuptools.find_packages(include=["csctr", "csctr.*"]),
+    # configs and benchmarks too: config files import each other, and
+    # `python benchmarks/NAME.py` then runs without editing sys.path.
+    packages=setuptools.find_packages(
+        include=["csctr", "csctr.*", "configs", "benchmarks"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35,<0.11",

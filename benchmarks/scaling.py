@@ -41,11 +41,10 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
-from csctr.data import batch as batch_lib  # pylint: disable=g-import-not-at-top
-from csctr.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from csctr.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
+from benchmarks import step_timing
+from csctr.data import batch as batch_lib
+from csctr.training import mesh as mesh_lib
+from csctr.training import steps as steps_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "default.py"),
@@ -139,13 +138,13 @@ def _sharded_rows_in_subprocess(rows: list[int], devices: int) -> list[dict]:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                        f" --xla_force_host_platform_device_count={devices}")}
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker",
+  cmd = [sys.executable, "-m", "benchmarks.scaling", "--worker",
          f"--rows={','.join(map(str, rows))}",
          f"--model_devices={devices}", f"--runs={_RUNS.value}",
          f"--min_run_s={_MIN_RUN_S.value}",
          *[a for a in sys.argv[1:] if a.startswith("--config")]]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
   sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
                            if not line.startswith("RESULT ")))
   if proc.returncode:
