@@ -42,16 +42,21 @@ def test_key_path_to_tuple_matches_nnx_paths():
   assert sorted(labels) == ["dense", "dense", "embed"]
 
 
+def _first_update(config, gradient, total_steps):
+  """The optimizer's first update of the toy params for grads gradient(p)."""
+  params = nnx.state(_Toy(nnx.Rngs(0)), nnx.Param)
+  tx = optim.make_optimizer(config, total_steps, _label)
+  grads = jax.tree.map(gradient, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
 def test_embed_and_dense_get_different_optimizers():
   """Same gradient, different updates: Adagrad(embed_lr) vs SGD(lr)."""
   config = _optim_config(embed_optimizer="adagrad", embed_lr=0.5,
                          dense_optimizer="sgd", lr=0.01, warmup_steps=0,
                          schedule="constant", clip_norm=0.0)
-  params = nnx.state(_Toy(nnx.Rngs(0)), nnx.Param)
-  tx = optim.make_optimizer(config, 100, _label)
-  opt_state = tx.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, opt_state, params)
+  updates = _first_update(config, jnp.ones_like, 100)
   up = {optim.key_path_to_tuple(p): np.asarray(v) for p, v in
         jax.tree_util.tree_flatten_with_path(updates)[0]}
   # SGD: -lr * g.
@@ -100,10 +105,7 @@ def test_clip_by_joint_global_norm():
   config = _optim_config(embed_optimizer="sgd", embed_lr=1.0,
                          dense_optimizer="sgd", lr=1.0, warmup_steps=0,
                          schedule="constant", clip_norm=1.0)
-  params = nnx.state(_Toy(nnx.Rngs(0)), nnx.Param)
-  tx = optim.make_optimizer(config, 10, _label)
-  grads = jax.tree.map(lambda p: 100 * jnp.ones_like(p), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates = _first_update(config, lambda p: 100 * jnp.ones_like(p), 10)
   np.testing.assert_allclose(float(optax.tree.norm(updates)), 1.0, rtol=1e-5)
 
 

@@ -104,11 +104,13 @@ def test_meshes_place_state_as_configured(results):
   assert {axes(s) for s in res["dp8"]["specs"].values()} == {()}
   specs = {k: axes(v) for k, v in res["dp4_mp2"]["specs"].items()}
   shapes = {k: v.shape for k, v in params["dp4_mp2"].items()}
-  # 62 user rows and 4 category rows split over model=2.
+  # User and category rows (tiny.py makes them even) split over model=2.
   for feature in ("user_id", "category_id"):
+    assert shapes[f"id_embed/{feature}/embedding/value"][0] % 2 == 0
     assert specs[f"id_embed/{feature}/embedding/value"] == ("model",)
-  # 97 item rows do not divide over 'model': the table falls through to the
-  # FSDP rule, whose largest dim dividing over data=4 is the embedding one.
+  # Item rows that do not divide over 'model' fall through to the FSDP rule,
+  # whose largest dim dividing over data=4 is the embedding one.
+  assert shapes["id_embed/item_id/embedding/value"][0] % 2 == 1
   assert specs["id_embed/item_id/embedding/value"] == (None, "data")
   # FSDP: the largest dim that divides over data=4, for big enough leaves.
   assert specs["head/mlp/layers/0/kernel/value"] == ("data",)  # (24, 16)
