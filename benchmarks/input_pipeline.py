@@ -18,7 +18,6 @@ take a small fraction of a train step (tens of ms for the small CNN on CPU).
 """
 
 import json
-import os
 import statistics
 import time
 

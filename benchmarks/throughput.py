@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 from absl import app
 from absl import flags
