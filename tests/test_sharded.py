@@ -32,7 +32,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from configs import tiny
-from configs import tiny
 from csctr.training import mesh as mesh_lib
 from csctr.training import loop as train
 
