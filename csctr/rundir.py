@@ -53,6 +53,20 @@ def eval_record(step: int, split: str,
   return {"step": step, "split": split, **metrics.json_safe(values)}
 
 
+def latest_committed_step(workdir: str) -> int | None:
+  """The newest committed checkpoint step, from directory names alone.
+
+  Orbax writes a step into a tmp directory and renames it to the bare step
+  number when complete (and, on object stores, adds commit_success.txt), so
+  a digit-named directory is committed; asked every few seconds, this must
+  not open a CheckpointManager.
+  """
+  root = checkpoint_dir(workdir)
+  steps = [int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
+           if n.isdigit()]
+  return max(steps, default=None)
+
+
 def read_eval_log(workdir: str) -> list[dict[str, Any]]:
   """The evals logged so far; a line cut short by a kill is skipped."""
   path = os.path.join(workdir, METRICS_FILE)

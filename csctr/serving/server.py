@@ -43,6 +43,7 @@ from csctr.serving import http
 from csctr.serving import metrics as metrics_lib
 from csctr.serving import schema
 from csctr.serving import scorer as scorer_lib
+from csctr.serving import table as table_lib
 from csctr.serving.batcher import MicroBatcher
 
 
@@ -120,46 +121,6 @@ class Version:
     return out
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest committed checkpoint step, from directory names alone.
-
-  Orbax writes a step into a tmp directory and renames it to the bare step
-  number when complete (and, on object stores, adds commit_success.txt), so
-  a digit-named directory is committed; asked every few seconds, this must
-  not open a CheckpointManager.
-  """
-  root = rundir.checkpoint_dir(workdir)
-  steps = [int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
-           if n.isdigit()]
-  return max(steps, default=None)
-
-
-def pick_table(where: str, config_hash: str, encoder_hash: str | None
-               ) -> str | None:
-  """`where` if it is a table, else its newest table of this model.
-
-  Newest by meta.json's `created`, then name; a table of another model
-  (config hash) or checkpoint (encoder hash; None accepts any) is skipped.
-  """
-  if os.path.exists(os.path.join(where, export_lib.META_FILE)):
-    return where
-  best = None
-  for name in sorted(os.listdir(where)) if os.path.isdir(where) else ():
-    path = os.path.join(where, name)
-    try:
-      with open(os.path.join(path, export_lib.META_FILE)) as f:
-        meta = json.load(f)
-    except (OSError, ValueError):
-      continue  # not a table (or a hidden tmp directory being written)
-    if meta.get("config_hash") != config_hash or (
-        encoder_hash is not None and meta.get("encoder_hash") != encoder_hash):
-      continue
-    rank = (meta.get("created", ""), name)
-    if best is None or rank > best[0]:
-      best = (rank, path)
-  return best[1] if best else None
-
-
 class Service:
   """Versions, swaps, the batcher and the metrics of one serving process."""
 
@@ -205,7 +166,7 @@ class Service:
     while the next one is restored, compiled and warmed up.
     """
     with self._reload_lock:
-      step = latest_step(self.workdir)
+      step = rundir.latest_committed_step(self.workdir)
       if step is None:
         raise FileNotFoundError(f"no committed checkpoint in {self.workdir}")
       if self._model is None or self._model[0] != step:
@@ -216,7 +177,7 @@ class Service:
       step, model, run_config, info, enc = self._model
       table = None
       if model.use_image:
-        path = pick_table(self._table_root(),
+        path = table_lib.pick_table(self._table_root(),
                           export_lib.config_hash(run_config.model, info),
                           None if self.config.allow_other_checkpoint else enc)
         if path is None:
