@@ -72,6 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.byod.resize = "pad"  # pad (white letterbox) | stretch | crop
   config.byod.skip_bad_images = True  # False: a bad image is an error
   config.byod.image_cache_mb = 512  # keep decoded images if they fit
+  # impressions: '' = impressions.csv | impressions.parquet | impressions/
+  # (a folder of Parquet files) in byod_path; else a file, folder or glob.
+  config.byod.impressions = ""
+  # Vocabularies (csctr/data/vocab.py): ids with fewer train impressions
+  # share the OOV row 0; hash_buckets > 0: unknown ids hash into that many
+  # extra rows instead.
+  config.byod.min_count = 1
+  config.byod.hash_buckets = 0
   config.byod.num_threads = 0  # image decoding threads (0: min(8, cpus))
 
   config.model = ml_collections.ConfigDict()
@@ -120,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.shape = (-1, 1)
   config.mesh.shard_embeddings = False  # row-shard ID tables on 'model'
   # FSDP: shard every leaf of >= fsdp_min_size elements (params and optimizer
-  # slots) along its largest dim that divides over 'data' (csctr/training/mesh.py,
+  # slots) along its largest dim that divides over 'data' (csctr/training/loop.py,
   # SHARDING_RULES); smaller ones stay replicated.
   config.mesh.fsdp = False
   config.mesh.fsdp_min_size = 1 << 18

@@ -105,20 +105,24 @@ def test_vocab_split_cold_and_behaviour(tmp_path):
   assert source.vocab_sizes == (4, 4, 3, 4)
   assert source.num_categories == 3 and source.num_dense == 0
   # Item rows are items.csv order; d's category 'bags' is test-only (OOV),
-  # e is cold but 'hats' is a train category; f has no category.
-  np.testing.assert_array_equal(source.item_category, [2, 2, 1, 0, 1, 0])
+  # e is cold but 'hats' is a train category; f has no category. Vocabulary
+  # rows go by train count (csctr.data.vocab): shoes (a, b: 5 impressions)
+  # before hats (c: 3).
+  np.testing.assert_array_equal(source.item_category, [1, 1, 2, 0, 2, 0])
   train, test = collect(source, "train"), collect(source, "test")
   np.testing.assert_array_equal(train["impression_id"], [0, 1, 2, 4, 5, 6, 7,
                                                          9])
   np.testing.assert_array_equal(test["impression_id"], [3, 8])
   # Test rows: (u4, d, watch) all unseen -> 0; (u1, e, mobile).
-  np.testing.assert_array_equal(test["sparse"], [[0, 0, 0, 0], [1, 0, 1, 2]])
+  np.testing.assert_array_equal(test["sparse"], [[0, 0, 0, 0], [1, 0, 2, 1]])
   np.testing.assert_array_equal(test["item"], [3, 4])
   np.testing.assert_array_equal(test["is_cold"], [True, True])
   assert not train["is_cold"].any()
   # Train row 4: (u3, a, device '') -> empty extra value is OOV.
-  np.testing.assert_array_equal(train["sparse"][3], [3, 1, 2, 0])
-  np.testing.assert_array_equal(train["sparse"][1], [2, 2, 2, 1])
+  # Rows by train count: users u1, u2 (3) then u3; items a, c (3) then b;
+  # devices mobile (4), desktop (2), tablet (1).
+  np.testing.assert_array_equal(train["sparse"][3], [3, 1, 1, 0])
+  np.testing.assert_array_equal(train["sparse"][1], [2, 3, 1, 2])
   np.testing.assert_array_equal(train["label"], [1, 0, 1, 0, 1, 1, 0, 1])
   # GAUC user ids: dense over all users in file order, unseen u4 included.
   np.testing.assert_array_equal(test["user_id"], [2, 0])

@@ -43,6 +43,7 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from csctr.data import batch as batch_lib
+from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
 
@@ -58,14 +59,6 @@ def data_root(config: ml_collections.ConfigDict) -> str:
           or os.path.join(os.path.expanduser("~"), ".cache", "csctr"))
 
 
-def _file_stamp(path: str) -> list[Any]:
-  try:
-    st = os.stat(path)
-    return [st.st_size, int(st.st_mtime)]
-  except OSError:
-    return []
-
-
 def dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config that determines a prepared dataset (its cache key).
 
@@ -75,7 +68,8 @@ def dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
   name = config.dataset
   key = {"dataset": name, "image_size": config.data.image_size,
          "group_size": config.data.group_size,
-         "num_behaviors": config.data.num_behaviors}
+         "num_behaviors": config.data.num_behaviors,
+         "image_storage": config.data.get("image_storage", "raw")}
   if name == "synthetic":
     key["synthetic"] = config.synthetic.to_dict()
   elif name == "fashion_mnist":
@@ -85,9 +79,10 @@ def dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
     key["byod_path"] = root
     if "byod" in config:
       key["byod"] = config.byod.to_dict()
-    # Edits to the CSVs make a new dataset rather than a stale cache hit.
-    key["files"] = {f: _file_stamp(os.path.join(root, f))
-                    for f in ("items.csv", "impressions.csv")}
+    # Edits to the logs or the images make a new dataset rather than a
+    # stale cache hit.
+    from csctr.data import byod  # pylint: disable=g-import-not-at-top
+    key["files"] = byod.file_stamps(config)
   else:
     raise ValueError(f"unknown dataset {name!r}: synthetic | fashion_mnist | "
                      "byod | amazon")
@@ -117,8 +112,9 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> str:
   if prepared.is_prepared(path):
     return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
-  return prepare_lib.prepare(_make_source(config), path,
-                             group_size=config.data.group_size, key=key)
+  return prepare_lib.prepare(
+      _make_source(config), path, group_size=config.data.group_size, key=key,
+      image_storage=key["image_storage"])
 
 
 # ---------------------------------------------------------------- reading
@@ -162,7 +158,7 @@ class GroupSource:
     reader = self._reader
     if reader is None:  # a race here only opens a second reader
       reader = self._reader = array_record_data_source.ArrayRecordDataSource(
-          [prepared.shard_path(self._path, self._split)])
+          prepared.shard_paths(self._path, self._split))
     example = tf_example_pb2.Example()
     example.ParseFromString(reader[index])
     feature = example.features.feature
@@ -206,8 +202,7 @@ class Collator:
     # One assignment, so a concurrent prefetch thread sees both or neither.
     if self._tables_ is None:
       self._tables_ = (
-          np.load(os.path.join(self.path, prepared.IMAGES_FILE),
-                  mmap_mode="r"),
+          image_store.open_images(self.path, self.info),
           np.load(os.path.join(self.path, prepared.CATEGORY_FILE)))
     return self._tables_
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 import numpy as np
@@ -22,12 +24,13 @@ import numpy as np
 from csctr.data import batch as batch_lib
 
 # Bump when the on-disk layout changes: it is part of the cache key.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "test")
 INFO_FILE = "info.json"
 IMAGES_FILE = "images.npy"
 CATEGORY_FILE = "item_category.npy"
 GROUPS_DIR = "groups"
+COMMIT_FILE = "COMMITTED"
 
 
 def group_spec(num_sparse: int, num_dense: int,
@@ -94,10 +97,54 @@ def cache_path(root: str, key: dict[str, Any]) -> str:
 
 
 def is_prepared(path: str) -> bool:
-  """A directory is complete iff info.json exists (it is renamed in last)."""
-  return os.path.isfile(os.path.join(path, INFO_FILE))
+  """Complete iff the commit marker exists: it is written last, after every
+  other file (and locally the directory is renamed into place after it)."""
+  return os.path.isfile(os.path.join(path, COMMIT_FILE))
 
 
-def shard_path(path: str, split: str) -> str:
+def commit(tmp: str, path: str) -> None:
+  """Marks tmp complete and renames it to path (a concurrent preparer that
+  lost the race keeps the winner's copy)."""
+  with open(os.path.join(tmp, COMMIT_FILE), "w") as f:
+    f.write("ok\n")
+  os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
+  try:
+    os.rename(tmp, path)
+  except OSError:
+    if not is_prepared(path):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_tmp(parent: str, max_age_s: float = 24 * 3600) -> list[str]:
+  """Deletes .tmp-* directories a killed prepare left, once they are older
+  than max_age_s (a younger one may belong to a prepare still running)."""
+  removed = []
+  now = time.time()
+  for name in os.listdir(parent):
+    full = os.path.join(parent, name)
+    if name.startswith(".tmp-") and os.path.isdir(full):
+      try:
+        newest = max([os.path.getmtime(full)] + [
+            os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(full) for f in files])
+      except OSError:
+        continue  # removed by its owner meanwhile
+      if now - newest > max_age_s:
+        shutil.rmtree(full, ignore_errors=True)
+        removed.append(full)
+  return removed
+
+
+def shard_name(path: str, split: str, index: int, count: int) -> str:
+  """TFDS's name for shard `index` of `count` of a split's groups."""
   return os.path.join(path, GROUPS_DIR,
-                      f"groups-{split}.array_record-00000-of-00001")
+                      f"groups-{split}.array_record-{index:05d}-of-"
+                      f"{count:05d}")
+
+
+def shard_paths(path: str, split: str) -> list[str]:
+  """Every group shard of a split, in order (info.json knows how many)."""
+  lengths = load_info(path).extras["splits"][split]["shard_lengths"]
+  return [shard_name(path, split, i, len(lengths))
+          for i in range(len(lengths))]

@@ -14,7 +14,7 @@ Sources stream: both the item images and the impressions come in chunks, so a
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -50,6 +50,8 @@ class Source:
     bayes_auc: AUC of true_ctr on the test split, if simulated (prepare
       computes it from the test chunks' true_ctr when left None).
     stats: counters reported at prepare time (e.g. skipped corrupt images).
+    vocabularies: feature -> raw id -> row, saved with the dataset (vocab/)
+      so that serving maps raw ids as training did; None for simulated data.
   """
 
   name: str
@@ -64,6 +66,7 @@ class Source:
   impressions: Callable[[str], Iterator[ImpressionChunk]]
   bayes_auc: float | None = None
   stats: dict[str, int] = dataclasses.field(default_factory=dict)
+  vocabularies: dict[str, Any] | None = None
 
   @property
   def num_items(self) -> int:

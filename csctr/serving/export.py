@@ -62,6 +62,7 @@ import numpy as np
 from csctr.data import batch as batch_lib
 from csctr.model import ctr
 from csctr.data import prepared
+from csctr.data import image_store
 from csctr import rundir
 
 FORMAT_VERSION = 1
@@ -118,8 +119,7 @@ class ImageSource:
 def load_images(spec: str) -> ImageSource:
   """A prepared dataset directory, or an .npz with images/categories[/ids]."""
   if os.path.isdir(spec):
-    images = np.load(os.path.join(spec, prepared.IMAGES_FILE),
-                     mmap_mode="r")
+    images = image_store.open_images(spec, prepared.load_info(spec))
     categories = np.load(os.path.join(spec, prepared.CATEGORY_FILE))
     ids = np.arange(len(images), dtype=np.int64)
   elif spec.endswith(".npz"):
