@@ -80,6 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # extra rows instead.
   config.byod.min_count = 1
   config.byod.hash_buckets = 0
+  # An image symlink resolving outside byod_path is refused unless True.
+  config.byod.allow_external_links = False
   config.byod.num_threads = 0  # image decoding threads (0: min(8, cpus))
 
   config.model = ml_collections.ConfigDict()

@@ -42,8 +42,9 @@ first few are logged with path and reason.
   item in impressions.csv, not items.csv    DataError (an upstream join bug)
   empty or duplicate item_id, empty image   DataError
   image path escaping the directory         DataError, never a skip: it is a
-    (../ or absolute outside; lexical,      security problem. Symlinks inside
-    so symlinks inside are followed)        the directory are its owner's.
+    (../, absolute outside, or a symlink    security problem (links out are
+    resolving outside)                      followed only with
+                                            byod.allow_external_links).
   empty train or test split                 DataError
   missing image file                        skip: skipped_images_missing
   corrupt / truncated / undecodable image   skip: skipped_images_corrupt
@@ -75,7 +76,7 @@ REQUIRED_COLUMNS = byod_log.REQUIRED_COLUMNS
 DEFAULTS = {"test_fraction": 0.2, "seed": 0, "chunk_size": 65536,
             "resize": "pad", "skip_bad_images": True, "image_cache_mb": 512,
             "num_threads": 0, "impressions": "", "min_count": 1,
-            "hash_buckets": 0}
+            "hash_buckets": 0, "allow_external_links": False}
 
 
 def option(config: Any, name: str) -> Any:
@@ -105,7 +106,8 @@ def open_dataset(config: Any) -> tuple[str, byod_items.Items,
   root = os.path.normpath(os.path.abspath(config.byod_path))
   if not os.path.isdir(root):
     raise DataError(root, "not a directory")
-  items = byod_items.load_items(root, os.path.join(root, ITEMS_FILE))
+  items = byod_items.load_items(root, os.path.join(root, ITEMS_FILE),
+                                bool(option(config, "allow_external_links")))
   table = tables.Table(impressions_spec(root, config), REQUIRED_COLUMNS)
   options = {k: option(config, k) for k in DEFAULTS}
   return root, items, byod_log.Reader(table, options, items)
@@ -124,7 +126,8 @@ def file_stamps(config: Any) -> dict[str, Any]:
   stamps.update((os.path.relpath(f, root), _stamp(f)) for f in files)
   digest = hashlib.sha256()
   if os.path.isfile(items_path):
-    for p in byod_items.load_items(root, items_path).paths:
+    for p in byod_items.load_items(
+        root, items_path, bool(option(config, "allow_external_links"))).paths:
       digest.update(f"{p}\0{_stamp(p)}\0".encode())
   stamps["images"] = digest.hexdigest()[:16]
   return stamps

@@ -101,6 +101,11 @@ class Reader:
                        f"chunk_size >= 1, got {self.test_fraction}, "
                        f"{self.chunk_size}")
     self.items = items
+    self.unit = "row" if table.format == "parquet" else "line"
+
+  def error(self, path: str, message: str, line: int,
+            field: str | None = None) -> DataError:
+    return DataError(path, message, line, field, self.unit)
 
   def block_chunks(self, block: tables.Block, start: int) -> Iterator[Chunk]:
     """Parsed chunks of one block whose first row id is `start`."""
@@ -121,7 +126,7 @@ class Reader:
             rows: list[list[str]]) -> Chunk:
     n = len(rows)
     if start + n > 2**31 - 1:
-      raise DataError(path, "over 2^31-1 rows: impression_id is int32",
+      raise self.error(path, "over 2^31-1 rows: impression_id is int32",
                       lines[-1])
     items, labels = np.empty(n, np.int64), np.empty(n, np.float32)
     keys = np.empty(n, np.float64)
@@ -129,7 +134,7 @@ class Reader:
       items[j] = self._item(path, row[self.item], line)
       labels[j] = self._label(path, row[self.label], line)
       if not row[self.user]:
-        raise DataError(path, "empty user_id", line, "user_id")
+        raise self.error(path, "empty user_id", line, "user_id")
       if self.mode != "hash":
         keys[j] = self._key(path, row, line)
     if self.mode == "hash":
@@ -140,7 +145,7 @@ class Reader:
   def _item(self, path: str, item: str, line: int) -> int:
     r = self.items.rows.get(item)
     if r is None:
-      raise DataError(path, f"item {item!r} is not in items.csv", line,
+      raise self.error(path, f"item {item!r} is not in items.csv", line,
                       "item_id")
     return r
 
@@ -152,14 +157,14 @@ class Reader:
       except ValueError:
         value = math.nan
       if value not in (0.0, 1.0):
-        raise DataError(path, f"label {text!r} is not 0 or 1", line, "label")
+        raise self.error(path, f"label {text!r} is not 0 or 1", line, "label")
     return value
 
   def _key(self, path: str, row: list[str], line: int) -> float:
     if self.mode == "column":
       key = _SPLITS.get(row[self.split].lower())
       if key is None:
-        raise DataError(path, f"split {row[self.split]!r} is not train or "
+        raise self.error(path, f"split {row[self.split]!r} is not train or "
                         "test", line, "split")
       return key
     try:
@@ -167,7 +172,7 @@ class Reader:
     except ValueError:
       t = math.nan
     if not math.isfinite(t):
-      raise DataError(path, f"timestamp {row[self.time]!r} is not a number "
+      raise self.error(path, f"timestamp {row[self.time]!r} is not a number "
                       "or an ISO date", line, "timestamp")
     return t
 
