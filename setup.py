@@ -2,6 +2,8 @@
 
 import setuptools
 
+BEAM = ["apache-beam[gcp]>=2.77,<3", "pyarrow>=14,<26", "psutil>=5.9,<8"]
+
 setuptools.setup(
     name="csctr",
     version="0.1.0",
@@ -24,8 +26,12 @@ setuptools.setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
+        "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
+                 *BEAM],
         "plots": ["matplotlib>=3.8,<4"],
         "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
+        # python -m csctr.prepare --runner=<Beam runner>; Parquet logs
+        # (pyarrow also reads them in-process); psutil: benchmarks/prepare.py.
+        "beam": BEAM,
     },
 )

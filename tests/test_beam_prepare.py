@@ -211,3 +211,59 @@ def test_cache_key_covers_image_files(tmp_path):
   key = pipeline.dataset_key(config)
   (root / "img" / "b.jpg").write_bytes(test_byod._jpeg_bytes(seed=1))
   assert pipeline.dataset_key(config) != key
+
+
+@pytest.mark.slow
+def test_raw_ids_through_saved_vocabularies_score_as_the_trainers_eval(
+    tmp_path):
+  """Beam-prepared data -> training (unchanged) -> scorer fed raw ids."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from csctr import rundir  # pylint: disable=g-import-not-at-top
+  from csctr import serving  # pylint: disable=g-import-not-at-top
+  from csctr.serving import export  # pylint: disable=g-import-not-at-top
+  from csctr.training import loop  # pylint: disable=g-import-not-at-top
+  from csctr.training import steps  # pylint: disable=g-import-not-at-top
+  root = test_byod.make_dataset(tmp_path / "shop")
+  config = tiny.get_config()
+  config.dataset, config.byod_path = "byod", str(root)
+  config.data_dir = str(tmp_path / "data")
+  config.data.update(image_size=8, num_behaviors=0, group_size=2,
+                     groups_per_batch=2, unique_images=2,
+                     eval_groups_per_batch=4, eval_unique_images=4)
+  config.beam = {"num_shards": 2, "image_shards": 2}
+  config.num_train_steps, config.eval_every, config.checkpoint_every = 4, 0, 0
+  data_path = beam_prepare.prepare(config, BEAM)
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(config, workdir)  # finds the Beam dataset
+  assert rundir.load_run_files(workdir)[2] == data_path
+  export.export(workdir, progress=False)
+  scorer = serving.Scorer.from_workdir(workdir)
+  vocabs = rundir.load_vocabularies(workdir)  # copied into the run
+  model, config, _, _ = rundir.restore_model(workdir)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  eval_step = jax.jit(steps.make_eval_step(graphdef))
+  items = {r[0]: (i, r[1]) for i, r in enumerate(
+      [("a", "shoes"), ("b", "shoes"), ("c", "hats"), ("d", "bags"),
+       ("e", "hats"), ("f", "")])}
+  compared = 0
+  for batch in pipeline.eval_batches(config, data_path):
+    logits = np.asarray(eval_step({"params": params, "rest": rest},
+                                  batch)["logits"])
+    for slot in np.flatnonzero(batch["weight"] > 0):
+      user, item, _, _, device, _ = test_byod.IMPRESSIONS[
+          batch["impression_id"][slot]]
+      row, category = items[item]
+      request = {"user": {"user_id": int(vocabs["user_id"].row(user))},
+                 "candidates": {
+                     "image_id": np.array([row]),
+                     "item_id": vocabs["item_id"].lookup([item]),
+                     "category_id": vocabs["category_id"].lookup([category])
+                                    if category else np.zeros(1, np.int32),
+                     "device": vocabs["device"].lookup([device])
+                               if device else np.zeros(1, np.int32)}}
+      result = scorer.score(request)
+      np.testing.assert_allclose(result.logits, logits[[slot]], atol=1e-5)
+      compared += 1
+  assert compared == 2  # the test split: rows 3 and 8
