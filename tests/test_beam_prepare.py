@@ -8,7 +8,8 @@ group records, the same vocabularies and the same images.
 import json
 import os
 import pathlib
-import time
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ from csctr.data import vocab
 from tests import test_byod
 
 BEAM = ["--runner=DirectRunner"]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 # info.json extras that say how, not what, was prepared.
 HOW = ("prepared_by", "prepare_seconds", "image_shards", "image_resize",
        "image_bytes")
@@ -182,16 +184,21 @@ def test_bad_parquet_row_fails_naming_file_and_row(tmp_path):
   assert os.listdir(tmp_path / "out") == []  # no dataset, no tmp debris
 
 
-def test_stale_tmp_dirs_are_removed(tmp_path):
-  stale, fresh = tmp_path / ".tmp-old-x", tmp_path / ".tmp-new-y"
-  for d in (stale, fresh):
-    (d / "groups").mkdir(parents=True)
-    (d / "groups" / "part").write_bytes(b"x")
-  old = time.time() - 2 * 24 * 3600
-  for p in (stale / "groups" / "part", stale / "groups", stale):
-    os.utime(p, (old, old))
-  assert prepared.remove_stale_tmp(str(tmp_path)) == [str(stale)]
-  assert sorted(os.listdir(tmp_path)) == [".tmp-new-y"]  # may be running
+def test_a_killed_prepares_tmp_dir_is_removed(tmp_path):
+  # A prepare killed with SIGKILL leaves its .tmp- dir behind.
+  code = ("import sys, time; from csctr.data import prepared; "
+          "print(prepared.make_tmp(sys.argv[1]), flush=True); time.sleep(60)")
+  child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ds")],
+                           stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+  killed = child.stdout.readline().strip()
+  running = prepared.make_tmp(str(tmp_path / "ds"))  # owner alive: kept
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      os.path.basename(p) for p in (killed, running))
+  child.kill()
+  child.wait()
+  assert prepared.remove_stale_tmp(str(tmp_path)) == [killed]
+  assert os.listdir(tmp_path) == [os.path.basename(running)]  # ours: alive
 
 
 def test_symlink_out_of_the_directory_is_refused(tmp_path):

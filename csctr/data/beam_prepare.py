@@ -295,7 +295,7 @@ def prepare(config: Any, beam_args: list[str]) -> str:
   if prepared.is_prepared(path):
     return path
   start = time.time()
-  tmp = prepare_lib.make_tmp(path)
+  tmp = prepared.make_tmp(path)
   try:
     job = Job(config, tmp)
     os.makedirs(os.path.join(tmp, prepared.GROUPS_DIR))

@@ -54,7 +54,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Iterable, Iterator
 
@@ -320,7 +319,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
     `path`.
   """
   start = time.time()
-  tmp = make_tmp(path)
+  tmp = prepared.make_tmp(path)
   try:
     image_counts = _write_images(source, tmp, image_storage)
     features = group_features(len(source.sparse_features), source.num_dense,
@@ -354,15 +353,6 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
     raise
   logging.info("prepared %s in %.1fs: %s", path, time.time() - start, splits)
   return path
-
-
-def make_tmp(path: str) -> str:
-  """A private sibling of `path` to write into, old debris removed first."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  prepared.remove_stale_tmp(parent)
-  return tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-",
-                          dir=parent)
 
 
 def finish(tmp: str, path: str, info: batch_lib.DataInfo,

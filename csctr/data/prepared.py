@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import tempfile
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ IMAGES_FILE = "images.npy"
 CATEGORY_FILE = "item_category.npy"
 GROUPS_DIR = "groups"
 COMMIT_FILE = "COMMITTED"
+OWNER_FILE = "OWNER"  # host and pid of the prepare writing a .tmp- dir
 
 
 def group_spec(num_sparse: int, num_dense: int,
@@ -116,24 +119,56 @@ def commit(tmp: str, path: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def make_tmp(path: str) -> str:
+  """A private sibling of `path` to write into, stale ones removed first.
+
+  Its OWNER file names this host and process, so a later prepare can tell
+  a killed prepare's leftovers from a running one's.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  remove_stale_tmp(parent)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-",
+                         dir=parent)
+  with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+  return tmp
+
+
 def remove_stale_tmp(parent: str, max_age_s: float = 24 * 3600) -> list[str]:
-  """Deletes .tmp-* directories a killed prepare left, once they are older
-  than max_age_s (a younger one may belong to a prepare still running)."""
-  removed = []
-  now = time.time()
+  """Deletes the .tmp-* directories that killed prepares left in parent.
+
+  Stale: its owner process (this host) is gone, or, for another host's,
+  nothing in it changed for max_age_s.
+  """
+  removed, host, now = [], socket.gethostname(), time.time()
   for name in os.listdir(parent):
     full = os.path.join(parent, name)
-    if name.startswith(".tmp-") and os.path.isdir(full):
-      try:
-        newest = max([os.path.getmtime(full)] + [
-            os.path.getmtime(os.path.join(d, f))
-            for d, _, files in os.walk(full) for f in files])
-      except OSError:
-        continue  # removed by its owner meanwhile
-      if now - newest > max_age_s:
-        shutil.rmtree(full, ignore_errors=True)
-        removed.append(full)
+    if not (name.startswith(".tmp-") and os.path.isdir(full)):
+      continue
+    try:
+      with open(os.path.join(full, OWNER_FILE)) as f:
+        owner_host, pid = f.read().split()
+      dead = owner_host == host and not _alive(int(pid))
+      newest = max([os.path.getmtime(full)] + [
+          os.path.getmtime(os.path.join(d, f))
+          for d, _, files in os.walk(full) for f in files])
+    except (OSError, ValueError):
+      continue  # being created or removed by its owner right now
+    if dead or now - newest > max_age_s:
+      shutil.rmtree(full, ignore_errors=True)
+      removed.append(full)
   return removed
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def shard_name(path: str, split: str, index: int, count: int) -> str:
