@@ -8,10 +8,12 @@ finds it and needs no change. It is the same computation, distributed:
   items.csv (read by the launcher: one row per item)
   images    Create(image shards) -> decode, check, encode, write a store
             shard per worker (csctr.data.image_store) -> usable-image mask
-  blocks    Parquet row groups / CSV files (csctr.data.tables)
+  blocks    Parquet row groups / CSV files (csctr.data.tables), row counts
+            -> the first row id of every block
+    pass 0  (timestamp splits) key histograms, merged -> the boundary
     pass 1  parse + validate + summarize each block (byod_log.summarize),
-            merged by a CombineFn -> byod_log.plan: split boundary,
-            vocabularies, user index (a side input)
+            merged by a CombineFn -> byod_log.plan: vocabularies (train
+            counts), user index (a side input)
     pass 2  byod_log.emit per block -> impressions keyed by (split, shard),
             shard = hash of the ad item, so each image's impressions meet
             in one GroupByKey -> sort by (item, impression id) ->

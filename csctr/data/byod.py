@@ -7,27 +7,33 @@ config.byod_path holds (user guide: docs/byod.md):
   impressions.csv  user_id, item_id, label (0/1); optional timestamp (number
                    or ISO date), split (train/test), behavior (space-separated
                    item ids, oldest first); every further column is a
-                   categorical feature.
+                   categorical feature. Or impressions.parquet, or a folder
+                   impressions/ of Parquet files, or config.byod.impressions
+                   (a file, folder or glob): csctr.data.tables.
   images           JPEG/PNG/..., any size; resized to config.data.image_size
                    (csctr.data.image_io; config.byod.resize = pad|stretch|crop).
 
 Rows. Every item of items.csv gets an item row (its line order) indexing the
 image table; item rows are not the item_id vocabulary. Vocabularies (user_id,
-item_id, category_id, extra columns) come from the train split only, sorted,
-row 0 = OOV: a cold (test-only) item keeps its image row but gets item_id 0,
-and its category only if some train item has it. Empty category_id or extra
+item_id, category_id, extra columns) come from the train split only
+(csctr.data.vocab: rows by train count, row 0 = OOV, config.byod.min_count
+and hash_buckets): a cold (test-only) item keeps its image row but gets
+item_id 0, and its category only if some train item has it. Empty category_id or extra
 values map to 0. Chunk `user_id` is a dense index over all users, not a vocab
 row (GAUC groups by it; vocab rows would merge all cold users into one).
-impression_id = 0-based data row of impressions.csv (blank lines skipped).
+impression_id = 0-based data row over the impression files (blank lines
+skipped).
 Behaviour lists keep the last L usable ids, right-padded with -1 (L = 0:
 the behavior column is ignored).
 
 Split. A split column wins; else timestamps: the latest
 config.byod.test_fraction of impressions is test (ties at the boundary go to
 test together); else a seeded hash (config.byod.seed) of the row number.
-impressions.csv streams in chunks (config.byod.chunk_size): pass 1, in
-make_source, validates every row and fixes the boundary and the train
-vocabularies; each `impressions(split)` call is a pass 2 that emits.
+The impressions stream in chunks (config.byod.chunk_size) through the
+passes of csctr.data.byod_log, shared with the Beam path: in make_source
+pass 0 (timestamps only: the boundary) and pass 1 (validates every row,
+counts train ids -> vocabularies); each `impressions(split)` call is a
+pass 2 that emits.
 
 Bad input. Errors raise `DataError` (a ValueError) naming file, 1-based line
 and field: nothing is trained on data we know is wrong. Only unusable images

@@ -10,7 +10,8 @@
      Summaries merge (`Summary.merge`) in any order.
   2. `plan` turns the merged Summary into a `Plan`: the vocabularies
      (csctr.data.vocab: min_count, hash buckets), the GAUC user index.
-  3. `emit` turns a parsed block into impression chunks of one split.
+  3. `emit` (pass 2) turns a parsed block into impression chunks of one
+     split.
 
 The in-process loader (csctr.data.byod) runs them over the blocks in order;
 the Beam pipeline (csctr.data.beam_prepare) runs them on workers, merging
