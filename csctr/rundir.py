@@ -25,7 +25,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from csctr.data import batch as batch_lib
-from csctr.data import prepared
 from csctr.data import vocab as vocab_lib
 from csctr.model import ctr
 
@@ -85,7 +84,7 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
   _write_json_atomic(os.path.join(workdir, CONFIG_FILE),
                      json.loads(config.to_json_best_effort()))
   _write_json_atomic(os.path.join(workdir, DATA_INFO_FILE),
-                     {**prepared.info_to_json(info), "data_path": data_path})
+                     {**info.to_json(), "data_path": data_path})
   # The vocabularies travel with the run: serving maps raw ids with them
   # even after the dataset cache is cleared or on another machine.
   source = os.path.join(data_path, vocab_lib.VOCAB_DIR)
@@ -113,13 +112,7 @@ def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(workdir, DATA_INFO_FILE)) as f:
     d = json.load(f)
-  info = batch_lib.DataInfo(
-      sparse_features=tuple(d["sparse_features"]),
-      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
-      num_categories=d["num_categories"], image_size=d["image_size"],
-      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
-      extras=d["extras"])
-  return config, info, d["data_path"]
+  return config, batch_lib.DataInfo.from_json(d), d["data_path"]
 
 
 def restore_model(workdir: str, step: int | None = None

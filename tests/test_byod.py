@@ -1,16 +1,15 @@
 """Tests for the BYOD loader (csctr.data.byod): mapping, splits, bad input."""
 
 import csv
-import importlib.util
 import io
 import os
 import pathlib
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import default
 from csctr.data import byod
 from csctr.data import image_io
 
@@ -72,13 +71,13 @@ def make_dataset(root: pathlib.Path, impressions=IMPRESSIONS,
   return root
 
 
-def make_config(root, num_behaviors=3, **byod_options):
-  config = ml_collections.ConfigDict()
+def make_config(root, num_behaviors=3, min_count=1, hash_buckets=0,
+                **byod_options):
+  config = default.get_config()
   config.dataset = "byod"
   config.byod_path = str(root)
-  config.data = ml_collections.ConfigDict(
-      {"image_size": SIZE, "num_behaviors": num_behaviors})
-  config.byod = ml_collections.ConfigDict(dict(byod.DEFAULTS))
+  config.data.image_size, config.data.num_behaviors = SIZE, num_behaviors
+  config.data.min_count, config.data.hash_buckets = min_count, hash_buckets
   config.byod.update(byod_options)
   return config
 
@@ -86,6 +85,29 @@ def make_config(root, num_behaviors=3, **byod_options):
 def collect(source, split):
   chunks = list(source.impressions(split))
   return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def test_min_count_and_hash_buckets(tmp_path):
+  """Rare train values join OOV; hashing gives unknown values own rows."""
+  source = byod.make_source(make_config(make_dataset(tmp_path), min_count=2))
+  # 'tablet' was seen once in train: OOV now, and counted as such.
+  assert source.vocabularies["device"].ids == ("mobile", "desktop")
+  assert source.vocabularies["device"].oov_count == 1
+  assert source.vocab_sizes == (4, 4, 3, 3)
+  train = collect(source, "train")
+  np.testing.assert_array_equal(train["sparse"][4], [2, 2, 1, 0])
+  hashed = byod.make_source(make_config(make_dataset(tmp_path / "h"),
+                                        hash_buckets=3))
+  assert hashed.vocab_sizes == (7, 7, 3, 7)  # 3 bucket rows per vocabulary
+  test = collect(hashed, "test")
+  # The unseen user u4, cold items d and e, device 'watch': bucket rows
+  # past the kept ids, the same ones Vocabulary.row gives; still cold.
+  v = hashed.vocabularies
+  np.testing.assert_array_equal(test["sparse"][:, 1],
+                                [v["item_id"].row("d"), v["item_id"].row("e")])
+  assert (test["sparse"][:, 1] > 3).all() and test["is_cold"].all()
+  assert test["sparse"][0, 0] == v["user_id"].row("u4") > 3
+  assert test["sparse"][0, 3] == v["device"].row("watch") > 3
 
 
 def images_by_row(source):
@@ -105,24 +127,26 @@ def test_vocab_split_cold_and_behaviour(tmp_path):
   assert source.vocab_sizes == (4, 4, 3, 4)
   assert source.num_categories == 3 and source.num_dense == 0
   # Item rows are items.csv order; d's category 'bags' is test-only (OOV),
-  # e is cold but 'hats' is a train category; f has no category. Vocabulary
-  # rows go by train count (csctr.data.vocab): shoes (a, b: 5 impressions)
-  # before hats (c: 3).
-  np.testing.assert_array_equal(source.item_category, [1, 1, 2, 0, 2, 0])
+  # e is cold but 'hats' is a train category; f has no category.
+  np.testing.assert_array_equal(source.item_category, [2, 2, 1, 0, 1, 0])
   train, test = collect(source, "train"), collect(source, "test")
   np.testing.assert_array_equal(train["impression_id"], [0, 1, 2, 4, 5, 6, 7,
                                                          9])
   np.testing.assert_array_equal(test["impression_id"], [3, 8])
+  # Vocabulary rows: most train impressions first, ties by id (vocab.py):
+  # users u1 u2 (3 each) u3 (2); items a c (3 each) b (2); devices mobile (4)
+  # desktop (2) tablet (1); categories: the train ones, sorted.
+  assert source.vocabularies["item_id"].ids == ("a", "c", "b")
+  assert source.vocabularies["device"].ids == ("mobile", "desktop", "tablet")
+  assert source.vocabularies["category_id"].ids == ("hats", "shoes")
   # Test rows: (u4, d, watch) all unseen -> 0; (u1, e, mobile).
-  np.testing.assert_array_equal(test["sparse"], [[0, 0, 0, 0], [1, 0, 2, 1]])
+  np.testing.assert_array_equal(test["sparse"], [[0, 0, 0, 0], [1, 0, 1, 1]])
   np.testing.assert_array_equal(test["item"], [3, 4])
   np.testing.assert_array_equal(test["is_cold"], [True, True])
   assert not train["is_cold"].any()
   # Train row 4: (u3, a, device '') -> empty extra value is OOV.
-  # Rows by train count: users u1, u2 (3) then u3; items a, c (3) then b;
-  # devices mobile (4), desktop (2), tablet (1).
-  np.testing.assert_array_equal(train["sparse"][3], [3, 1, 1, 0])
-  np.testing.assert_array_equal(train["sparse"][1], [2, 3, 1, 2])
+  np.testing.assert_array_equal(train["sparse"][3], [3, 1, 2, 0])
+  np.testing.assert_array_equal(train["sparse"][1], [2, 3, 2, 2])
   np.testing.assert_array_equal(train["label"], [1, 0, 1, 0, 1, 1, 0, 1])
   # GAUC user ids: dense over all users in file order, unseen u4 included.
   np.testing.assert_array_equal(test["user_id"], [2, 0])
@@ -353,16 +377,6 @@ def test_iso_timestamps_split_like_numbers(tmp_path):
                                 [3, 8])
 
 
-def test_default_config_has_every_byod_option():
-  path = pathlib.Path(__file__).parents[1] / "configs" / "default.py"
-  spec = importlib.util.spec_from_file_location("default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert set(module.get_config().byod) == set(byod.DEFAULTS)
-  assert os.path.isfile(pathlib.Path(__file__).parents[1] / "docs" /
-                        "byod.md")
-
-
 def test_impressions_changed_after_make_source_is_an_error(tmp_path):
   source = byod.make_source(make_config(make_dataset(tmp_path)))
   with open(tmp_path / "impressions.csv", "a") as f:
@@ -380,23 +394,15 @@ def test_prepare_dataset_reports_the_skips(tmp_path):
   make_dataset(root, rows, extra_items=[("g", "shoes", "img/nope.png"),
                                         ("h", "hats", "img/bad.jpg")])
   (root / "img" / "bad.jpg").write_bytes(_jpeg_bytes()[:900])
-  spec = importlib.util.spec_from_file_location(
-      "default_config", pathlib.Path(__file__).parents[1] / "configs" /
-      "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.dataset, config.byod_path = "byod", str(root)
+  config = make_config(root)
   config.data_dir = str(tmp_path / "prepared")
-  config.data.image_size, config.data.num_behaviors = SIZE, 3
   config.data.group_size = 4
   path = pipeline.prepare_dataset(config)
   info = pipeline.load_info(path)
   stats = info.extras["source_stats"]
   assert (stats["skipped_images"], stats["dropped_impressions"]) == (2, 2)
   assert info.extras["items_without_image"] == 2
-  splits = info.extras["splits"]
-  assert (splits["train"]["impressions"], splits["test"]["impressions"]) == (
-      8, 2)
-  assert splits["test"]["cold_impressions"] == 2
+  splits = info.splits
+  assert (splits["train"].impressions, splits["test"].impressions) == (8, 2)
+  assert splits["test"].cold_impressions == 2
   assert info.vocab_sizes == (4, 4, 3, 4) and info.num_categories == 3

@@ -11,6 +11,7 @@ from configs import default
 from csctr.data import fashion_mnist
 from csctr.data import pipeline
 from csctr.data import prepared
+import testutil
 
 
 def _write_idx(path, array):
@@ -111,8 +112,17 @@ def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   assert batch["images"].shape == (8, 16, 16, 3)
   assert not batch["is_cold"].any()
   # Within a category the visual score depends on the pixels: not constant.
-  score, style = fashion_mnist.visual_latents(arrays["train"][0],
-                                              arrays["train"][1] + 1, seed=0)
+  score, style = fashion_mnist.visual_latents(
+      arrays["train"][0], arrays["train"][1] + 1, seed=0,
+      num_components=default.get_config().fashion_mnist.visual_components)
   for c in range(1, 11):
     assert np.ptp(score[arrays["train"][1] + 1 == c]) > 0.1
   assert set(np.unique(style)) <= set(range(4))
+
+
+def test_min_count_sends_rare_train_items_to_the_oov_row(tmp_path):
+  root = tmp_path / "files"
+  root.mkdir()
+  _fake_files(str(root))
+  testutil.check_min_count_and_hashing(fashion_mnist.make_source,
+                                       _config(tmp_path, root), min_count=30)

@@ -14,7 +14,7 @@ from csctr.data import pipeline
 from csctr.model import ctr
 from csctr import serving
 from csctr import rundir
-from csctr.training import steps as steps_lib
+import testutil
 
 ATOL = 1e-5
 
@@ -48,21 +48,10 @@ def _request(user, sparse, image_ids, **extra):
 def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
   model, config, info, _ = restored
   _, _, data_path = rundir.load_run_files(workdir)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  eval_step = jax.jit(steps_lib.make_eval_step(graphdef))  # the trainer's own
-  state = {"params": params, "rest": rest}
-  groups = pipeline.groups_source(data_path, "test")
   images = np.load(os.path.join(data_path, "images.npy"))
-  g, k = config.data.eval_groups_per_batch, config.data.group_size
   compared = 0
-  for b, batch in enumerate(pipeline.eval_batches(config, data_path)):
-    logits = np.asarray(eval_step(state, batch)["logits"])
-    # The image id of a slot is the item of its group record.
-    item = np.full(g * k, -1)
-    for j in range(g):
-      if b * g + j < len(groups):
-        item[j * k:(j + 1) * k] = groups[b * g + j]["item"]
-    real = np.flatnonzero(batch["weight"] > 0)
+  for batch, logits, item, real in testutil.trainer_eval_slots(workdir,
+                                                               data_path):
     np.testing.assert_array_equal(  # the mapping is right: same pixels
         batch["images"][batch["ad_image"][real]], images[item[real]])
     users = batch["sparse"][real, 0]
@@ -72,7 +61,9 @@ def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
       np.testing.assert_allclose(result.logits, logits[rows], atol=ATOL)
       assert result.misses == 0
       compared += len(rows)
-  assert compared == info.extras["splits"]["test"]["impressions"] == 600
+  s = config.synthetic
+  assert compared == info.splits["test"].impressions == round(
+      s.num_impressions * s.test_fraction)
 
 
 def _candidates(workdir, n, seed=0):
@@ -226,11 +217,12 @@ def test_dicm_behaviours_and_dense_match_the_model(tmp_path):
                      categories[cand], rng.integers(0, 5, n)], 1)
   dense = rng.normal(size=(n, 2)).astype(np.float32)
   behavior = [104, 999, 111]  # 999: not in the table -> masked, counted
-  result = scorer.score({
+  request = {
       "user": {"user_id": 7}, "behavior_ids": np.array(behavior),
       "candidates": {"image_id": 100 + cand, "item_id": sparse[:, 1],
                      "category_id": sparse[:, 2], "position": sparse[:, 3],
-                     "dense": dense}})
+                     "dense": dense}}
+  result = scorer.score(request)
   assert result.behavior_misses == 1 and result.misses == 0
 
   rows = np.concatenate([cand, [4, 0, 11]])  # unique-image table, contract
@@ -241,6 +233,16 @@ def test_dicm_behaviours_and_dense_match_the_model(tmp_path):
            "sparse": sparse.astype(np.int32), "dense": dense}
   expected = np.asarray(jax.jit(lambda b: model(b))(batch))
   np.testing.assert_allclose(result.logits, expected, atol=ATOL)
+
+  # Merged requests (as the server's micro-batches): each request keeps its
+  # own behaviours; 13 rows over buckets of 8 split across requests.
+  other = {"user": {"user_id": 2}, "behavior_ids": np.array([111, 127]),
+           "candidates": {k: v[:3] for k, v in request["candidates"].items()}}
+  merged = scorer.score_many([request, other, request])
+  for got, alone in zip(merged, [result, scorer.score(other), result]):
+    np.testing.assert_allclose(got.logits, alone.logits, atol=1e-6)
+    assert got.behavior_misses == alone.behavior_misses
+  assert [len(r.logits) for r in merged] == [5, 3, 5]
 
 
 def test_stablehlo_round_trip(scorer, tmp_path):
@@ -258,5 +260,7 @@ def test_stablehlo_round_trip(scorer, tmp_path):
           np.zeros((0, ad.shape[1]), np.float32), np.zeros((0,), bool))
   np.testing.assert_allclose(
       np.asarray(exported.call(*args)),
-      np.asarray(scorer._score_jit(scorer._state, *args)),  # pylint: disable=protected-access
+      np.asarray(scorer._score_jit(  # pylint: disable=protected-access
+          scorer._state, *args[:3], args[3][None], args[4][None],  # pylint: disable=protected-access
+          np.zeros(16, np.int32))),
       atol=1e-6)

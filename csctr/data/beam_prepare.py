@@ -61,15 +61,15 @@ class Job:
   def __init__(self, config: Any, tmp: str):
     self.root, self.items, self.reader = byod.open_dataset(config)
     self.tmp = tmp
-    self.name = "amazon" if config.dataset == "amazon" else "byod"
+    self.name = config.dataset
     self.size = int(config.data.image_size)
     self.num_behaviors = int(config.data.num_behaviors)
     self.group_size = int(config.data.group_size)
     self.storage = config.data.get("image_storage", "raw")
-    self.resize = byod.option(config, "resize")
-    self.skip_bad = bool(byod.option(config, "skip_bad_images"))
-    self.min_count = int(byod.option(config, "min_count"))
-    self.hash_buckets = int(byod.option(config, "hash_buckets"))
+    self.resize = config.byod.resize
+    self.skip_bad = bool(config.byod.skip_bad_images)
+    self.min_count = int(config.data.min_count)
+    self.hash_buckets = int(config.data.hash_buckets)
     if self.storage not in image_store.STORAGES:
       raise ValueError(f"data.image_storage {self.storage!r} not in "
                        f"{image_store.STORAGES}")

@@ -16,8 +16,8 @@ config.byod_path holds (user guide: docs/byod.md):
 Rows. Every item of items.csv gets an item row (its line order) indexing the
 image table; item rows are not the item_id vocabulary. Vocabularies (user_id,
 item_id, category_id, extra columns) come from the train split only
-(csctr.data.vocab: rows by train count, row 0 = OOV, config.byod.min_count
-and hash_buckets): a cold (test-only) item keeps its image row but gets
+(csctr.data.vocab: rows by train count, row 0 = OOV, config.data.min_count
+and hash_buckets; category_id rows: the train categories, sorted): a cold (test-only) item keeps its image row but gets
 item_id 0, and its category only if some train item has it. Empty category_id or extra
 values map to 0. Chunk `user_id` is a dense index over all users, not a vocab
 row (GAUC groups by it; vocab rows would merge all cold users into one).
@@ -78,21 +78,11 @@ ITEMS_FILE = "items.csv"
 # config.byod.impressions is empty: one CSV, one Parquet file, a directory.
 IMPRESSIONS_FILES = ("impressions.csv", "impressions.parquet", "impressions")
 REQUIRED_COLUMNS = byod_log.REQUIRED_COLUMNS
-# config.byod fields; a config without the section (or a field) gets these.
-DEFAULTS = {"test_fraction": 0.2, "seed": 0, "chunk_size": 65536,
-            "resize": "pad", "skip_bad_images": True, "image_cache_mb": 512,
-            "num_threads": 0, "impressions": "", "min_count": 1,
-            "hash_buckets": 0, "allow_external_links": False}
-
-
-def option(config: Any, name: str) -> Any:
-  section = config.get("byod") if hasattr(config, "get") else None
-  return section.get(name, DEFAULTS[name]) if section else DEFAULTS[name]
 
 
 def impressions_spec(root: str, config: Any) -> str:
   """The impressions file, directory or glob of a BYOD directory."""
-  spec = option(config, "impressions")
+  spec = config.byod.impressions
   if spec:
     return spec if os.path.isabs(spec) else os.path.join(root, spec)
   found = [f for f in IMPRESSIONS_FILES
@@ -113,10 +103,9 @@ def open_dataset(config: Any) -> tuple[str, byod_items.Items,
   if not os.path.isdir(root):
     raise DataError(root, "not a directory")
   items = byod_items.load_items(root, os.path.join(root, ITEMS_FILE),
-                                bool(option(config, "allow_external_links")))
+                                config.byod.allow_external_links)
   table = tables.Table(impressions_spec(root, config), REQUIRED_COLUMNS)
-  options = {k: option(config, k) for k in DEFAULTS}
-  return root, items, byod_log.Reader(table, options, items)
+  return root, items, byod_log.Reader(table, config.byod, items)
 
 
 def file_stamps(config: Any) -> dict[str, Any]:
@@ -133,7 +122,7 @@ def file_stamps(config: Any) -> dict[str, Any]:
   digest = hashlib.sha256()
   if os.path.isfile(items_path):
     for p in byod_items.load_items(
-        root, items_path, bool(option(config, "allow_external_links"))).paths:
+        root, items_path, config.byod.allow_external_links).paths:
       digest.update(f"{p}\0{_stamp(p)}\0".encode())
   stamps["images"] = digest.hexdigest()[:16]
   return stamps
@@ -168,7 +157,8 @@ def make_source(config: Any) -> source_lib.Source:
 
   Args:
     config: the experiment config: byod_path, dataset, data.image_size,
-      data.num_behaviors and the optional byod section (DEFAULTS).
+      data.num_behaviors, data.min_count, data.hash_buckets and the byod
+      section (configs/default.py).
 
   Returns:
     The Source; `impressions(split)` re-reads the impressions each call.
@@ -179,10 +169,9 @@ def make_source(config: Any) -> source_lib.Source:
   root, items, reader = open_dataset(config)
   size, num_behaviors = config.data.image_size, config.data.num_behaviors
   images = byod_items.check_images(
-      items, os.path.join(root, ITEMS_FILE), size, option(config, "resize"),
-      bool(option(config, "skip_bad_images")),
-      int(option(config, "num_threads")),
-      int(option(config, "image_cache_mb")) * 2**20)
+      items, os.path.join(root, ITEMS_FILE), size, config.byod.resize,
+      config.byod.skip_bad_images, config.byod.num_threads,
+      config.byod.image_cache_mb * 2**20)
   hist = None
   if reader.mode == "time":  # pass 0
     hist = byod_log.merge_histograms(*(
@@ -194,8 +183,7 @@ def make_source(config: Any) -> source_lib.Source:
     summary.merge(byod_log.summarize(reader, chunk, images.good,
                                      num_behaviors, split_at))
   plan = byod_log.plan(reader, summary, images.good, split_at,
-                       int(option(config, "min_count")),
-                       int(option(config, "hash_buckets")))
+                       config.data.min_count, config.data.hash_buckets)
 
   def impressions(split: str) -> Iterator[source_lib.ImpressionChunk]:
     if split not in ("train", "test"):
@@ -206,7 +194,7 @@ def make_source(config: Any) -> source_lib.Source:
         yield out
 
   return source_lib.Source(
-      name="amazon" if config.get("dataset") == "amazon" else "byod",
+      name=config.dataset,
       image_size=size, item_images=images.iterate, impressions=impressions,
       stats={**images.stats, **plan.stats}, vocabularies=plan.vocabs,
       **source_fields(reader, plan, num_behaviors))

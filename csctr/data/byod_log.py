@@ -79,7 +79,7 @@ class Chunk:
 class Reader:
   """Parses and validates impression rows (CSV or Parquet, see tables)."""
 
-  def __init__(self, table: tables.Table, options: dict[str, Any],
+  def __init__(self, table: tables.Table, options: Any,
                items: byod_items.Items):
     self.table, self.header = table, table.header
     col = {h: i for i, h in enumerate(self.header)}
@@ -334,10 +334,15 @@ def plan(reader: Reader, s: Summary, good: np.ndarray, split_at: float,
                              {u: v[0] for u, v in s.users.items()})}
   vocabs["item_id"] = build("item_id", dict(zip(items.ids,
                                                 s.item_train.tolist())))
+  # Categories: the train ones, sorted (categories are few and the image
+  # tower's category tables are sized by them); count = train items.
   cats: dict[str, int] = {}
   for c, n in zip(items.categories, s.item_train.tolist()):
-    cats[c] = cats.get(c, 0) + n
-  vocabs["category_id"] = build("category_id", cats)
+    if c and n:
+      cats[c] = cats.get(c, 0) + 1
+  names = tuple(sorted(cats))
+  vocabs["category_id"] = vocab_lib.Vocabulary(
+      "category_id", names, np.array([cats[c] for c in names], np.int64))
   for name, counts in zip(reader.extras, s.extras):
     vocabs[name] = build(name, counts)
   item_vocab = vocabs["item_id"].lookup(items.ids)

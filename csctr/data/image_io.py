@@ -88,36 +88,38 @@ def decode_image(path: str, size: int, resize: str = "pad") -> np.ndarray:
     raise ValueError(f"resize mode {resize!r} not in {RESIZE_MODES}")
   if not os.path.isfile(path):
     raise MissingImageError(path, "file not found")
+  return _decode(path, path, size, resize)
+
+
+def decode_image_bytes(data: bytes, size: int, resize: str = "pad",
+                       name: str = "<bytes>") -> np.ndarray:
+  """decode_image for encoded bytes in memory (e.g. from a request).
+
+  Raises:
+    CorruptImageError: the bytes are not a decodable image.
+  """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"resize mode {resize!r} not in {RESIZE_MODES}")
+  return _decode(io.BytesIO(data), name, size, resize)
+
+
+def _decode(source: str | io.BytesIO, path: str, size: int,
+            resize: str) -> np.ndarray:
   try:
-    return _decode(path, size, resize)
+    with Image.open(source) as im:
+      # JPEG only: DCT-domain downscaling while decoding, >= size on both
+      # sides; several times faster for large photos, same result quality.
+      im.draft("RGB", (size, size))
+      im.load()  # Full decode: a truncated file raises here.
+      im = ImageOps.exif_transpose(im)
+      im = _resize(_to_rgb(im), size, resize)
+      return np.array(im, dtype=np.uint8).reshape(size, size, 3)
   except FileNotFoundError as e:  # Removed between the check and the open.
     raise MissingImageError(path, "file not found") from e
   except Exception as e:  # pylint: disable=broad-except
     # Pillow's plugins raise OSError, SyntaxError, ValueError, EOFError,
     # struct.error, DecompressionBombError...: all mean "unusable file".
     raise CorruptImageError(path, f"{type(e).__name__}: {e}") from e
-
-
-def decode_bytes(data: bytes, size: int, resize: str = "pad",
-                 name: str = "<bytes>") -> np.ndarray:
-  """decode_image for an image file's bytes (an encoded image store)."""
-  if resize not in RESIZE_MODES:
-    raise ValueError(f"resize mode {resize!r} not in {RESIZE_MODES}")
-  try:
-    return _decode(io.BytesIO(data), size, resize)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CorruptImageError(name, f"{type(e).__name__}: {e}") from e
-
-
-def _decode(fp, size: int, resize: str) -> np.ndarray:
-  with Image.open(fp) as im:
-    # JPEG only: DCT-domain downscaling while decoding, >= size on both
-    # sides; several times faster for large photos, same result quality.
-    im.draft("RGB", (size, size))
-    im.load()  # Full decode: a truncated file raises here.
-    im = ImageOps.exif_transpose(im)
-    im = _resize(_to_rgb(im), size, resize)
-    return np.array(im, dtype=np.uint8).reshape(size, size, 3)
 
 
 def decode_images(

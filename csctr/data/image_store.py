@@ -74,7 +74,7 @@ def decode(data: bytes, storage: str, size: int,
   if storage == "raw":
     return np.frombuffer(data, np.uint8).reshape(size, size, 3)
   if storage == "original":
-    return image_io.decode_bytes(data, size, resize)
+    return image_io.decode_image_bytes(data, size, resize)
   with Image.open(io.BytesIO(data)) as im:
     return np.asarray(im.convert("RGB"), np.uint8).reshape(size, size, 3)
 

@@ -175,23 +175,16 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
                  source: source_lib.Source) -> source_lib.ImpressionChunk:
   """Validates a Source chunk and casts it to the stored dtypes."""
   n = len(chunk["item"])
-  want = {"item": ((n,), np.int32), "label": ((n,), np.float32),
-          "user_id": ((n,), np.int32), "is_cold": ((n,), np.bool_),
-          "impression_id": ((n,), np.int32),
-          "sparse": ((n, len(source.sparse_features)), np.int32),
-          "dense": ((n, source.num_dense), np.float32)}
-  if source.num_behaviors:
-    want["behavior"] = ((n, source.num_behaviors), np.int32)
   out = {}
-  for key, (shape, dtype) in want.items():
-    if key == "dense" and key not in chunk and not source.num_dense:
-      continue
+  for key, (dtype, shape) in source_lib.chunk_spec(
+      len(source.sparse_features), source.num_dense,
+      source.num_behaviors).items():
     if key not in chunk:
       raise ValueError(f"{source.name}: impression chunk lacks {key!r}")
     value = np.asarray(chunk[key])
-    if value.shape != shape:
+    if value.shape != (n, *shape):
       raise ValueError(f"{source.name}: chunk[{key!r}] has shape "
-                       f"{value.shape}, want {shape}")
+                       f"{value.shape}, want {(n, *shape)}")
     out[key] = value.astype(dtype, copy=False)
   # Out-of-range rows would be clamped silently by XLA's gathers: catch here.
   if n and (out["item"].min() < 0 or out["item"].max() >= source.num_items):
@@ -210,8 +203,6 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
                      f"[0, vocab_size) (vocab_sizes={tuple(vocab)})")
   if not ((out["label"] == 0) | (out["label"] == 1)).all():
     raise ValueError(f"{source.name}: labels must be 0 or 1")
-  if not source.num_dense:
-    out.pop("dense", None)
   if "true_ctr" in chunk:
     out["true_ctr"] = np.asarray(chunk["true_ctr"], np.float32)
   return out
@@ -285,15 +276,15 @@ def write_groups(path: str, groups: Iterable[dict[str, Any]],
 
 
 def split_counts(shards: list[dict[str, int]],
-                 group_size: int) -> dict[str, Any]:
+                 group_size: int) -> batch_lib.SplitStats:
   """A split's counters from its shards' (write_groups) counters."""
   counts = {k: sum(c[k] for c in shards) for k in
             ("impressions", "groups", "clicks", "cold_impressions")}
   slots = counts["groups"] * group_size
   counts["packing_efficiency"] = counts["impressions"] / slots if slots else 0.0
   counts["ctr"] = counts["clicks"] / max(counts["impressions"], 1)
-  counts["shard_lengths"] = [c["groups"] for c in shards]
-  return counts
+  return batch_lib.SplitStats(
+      **counts, shard_lengths=tuple(c["groups"] for c in shards))
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -357,7 +348,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
 
 def finish(tmp: str, path: str, info: batch_lib.DataInfo,
            features: tfds.features.FeaturesDict,
-           splits: dict[str, dict[str, Any]],
+           splits: dict[str, batch_lib.SplitStats],
            vocabularies: dict[str, Any] | None, start: float) -> None:
   """Writes metadata, info.json and vocab/ into tmp, then commits it.
 
@@ -367,17 +358,15 @@ def finish(tmp: str, path: str, info: batch_lib.DataInfo,
   tfds.folder_dataset.write_metadata(
       data_dir=os.path.join(tmp, prepared.GROUPS_DIR), features=features,
       check_data=False, split_infos=[tfds.core.SplitInfo(
-          name=s, shard_lengths=c["shard_lengths"], num_bytes=0)
+          name=s, shard_lengths=list(c.shard_lengths), num_bytes=0)
                                      for s, c in splits.items()],
       description="csctr image groups (see csctr/data/prepare.py)")
   if vocabularies:
     vocab.save_vocabularies(tmp, vocabularies)
   extras = {**info.extras, "format_version": prepared.FORMAT_VERSION,
-            "packing_efficiency": splits["train"]["packing_efficiency"],
-            "splits": splits,
+            "packing_efficiency": splits["train"].packing_efficiency,
             "prepare_seconds": round(time.time() - start, 2)}
-  info = dataclasses.replace(info, extras=extras)
+  info = dataclasses.replace(info, extras=extras, splits=splits)
   with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
-    json.dump(prepared.info_to_json(info), f, indent=2,
-              default=prepared.json_default)
+    json.dump(info.to_json(), f, indent=2, default=prepared.json_default)
   prepared.commit(tmp, path)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -32,12 +31,6 @@ from etils import epath
 import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
-
-# Test hook: "STEP:MARKER" makes the save of checkpoint STEP touch MARKER and
-# hang inside the save (after the tmp directory exists, before the rename), so
-# a test can SIGKILL the process deterministically mid-save.
-HANG_ENV = "CSCTR_TEST_HANG_IN_SAVE"
-
 
 class _StateSnapshot:
   """An iterator state frozen at save time, in the shape Grain's handler reads.
@@ -55,17 +48,12 @@ class _StateSnapshot:
 
 
 class IteratorHandler(grain_ckpt.CheckpointHandler):
-  """grain.checkpoint.CheckpointHandler plus the mid-save test hook."""
+  """grain.checkpoint.CheckpointHandler reading JSON states (see restore).
 
-  def save(self, directory: epath.Path, item: Any = None, args: Any = None):
-    hang = os.environ.get(HANG_ENV)
-    if hang:
-      step, marker = hang.split(":", 1)
-      # directory is <root>/<step>.orbax-checkpoint-tmp*/data.
-      if epath.Path(directory).parent.name.split(".")[0] == step:
-        epath.Path(marker).write_text(str(directory))
-        time.sleep(3600)
-    super().save(directory, item=item, args=args)
+  Its save runs inside Orbax's save, after the tmp directory exists and
+  before the rename; tests/test_resume.py patches it there to kill a run
+  mid-save.
+  """
 
   def restore(self, directory: epath.Path, item: Any = None,
               args: Any = None) -> Any:
