@@ -21,6 +21,7 @@ from csctr.data import byod
 from csctr.data import image_store
 from csctr.data import pipeline
 from csctr.data import prepared
+from csctr.data import registry
 from csctr.data import vocab
 from tests import test_byod
 
@@ -215,9 +216,9 @@ def test_symlink_out_of_the_directory_is_refused(tmp_path):
 def test_cache_key_covers_image_files(tmp_path):
   root = test_byod.make_dataset(tmp_path)
   config = config_for(root, tmp_path)
-  key = pipeline.dataset_key(config)
+  key = registry.dataset_key(config)
   (root / "img" / "b.jpg").write_bytes(test_byod._jpeg_bytes(seed=1))
-  assert pipeline.dataset_key(config) != key
+  assert registry.dataset_key(config) != key
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ from csctr.data import image_io
 from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
+from csctr.data import registry
 
 PART_PREFIX = "part-"
 SUMMARY_FILE = "beam_summary.pkl"
@@ -292,7 +293,7 @@ def prepare(config: Any, beam_args: list[str]) -> str:
   if config.dataset not in ("byod", "amazon"):
     raise ValueError(f"the Beam path prepares BYOD logs (dataset byod or "
                      f"amazon), not {config.dataset!r}: use --runner=inprocess")
-  key = pipeline.dataset_key(config)
+  key = registry.dataset_key(config)
   path = prepared.cache_path(pipeline.data_root(config), key)
   if prepared.is_prepared(path):
     return path
