@@ -72,7 +72,7 @@ class Version:
     self.table_version = (os.path.basename(os.path.normpath(scorer.table.path))
                           if scorer.table is not None else "none")
     self.key = (scorer.step, scorer.table.path if scorer.table else None,
-                scorer.table.meta.get("created") if scorer.table else None)
+                _created(scorer.table.path) if scorer.table else None)
 
   def _rows(self, name: str, values: list[str], field: str) -> np.ndarray:
     vocab = self.vocabs.get(name)
@@ -134,11 +134,17 @@ def latest_step(workdir: str) -> int | None:
   return max(steps, default=None)
 
 
+def _created(table_path: str) -> float:
+  """When a table was written (meta.json's mtime: tables older than
+  `created_unix` lack it; an --overwrite rewrites it)."""
+  return os.path.getmtime(os.path.join(table_path, export_lib.META_FILE))
+
+
 def pick_table(where: str, config_hash: str, encoder_hash: str | None
                ) -> str | None:
   """`where` if it is a table, else its newest table of this model.
 
-  Newest by meta.json's `created`, then name; a table of another model
+  Newest by meta.json's `created_unix`, then name; a table of another model
   (config hash) or checkpoint (encoder hash; None accepts any) is skipped.
   """
   if os.path.exists(os.path.join(where, export_lib.META_FILE)):
@@ -154,7 +160,7 @@ def pick_table(where: str, config_hash: str, encoder_hash: str | None
     if meta.get("config_hash") != config_hash or (
         encoder_hash is not None and meta.get("encoder_hash") != encoder_hash):
       continue
-    rank = (meta.get("created", ""), name)
+    rank = (meta.get("created_unix") or _created(path), name)
     if best is None or rank > best[0]:
       best = (rank, path)
   return best[1] if best else None
@@ -226,7 +232,7 @@ class Service:
           return False
         table = export_lib.EmbeddingTable(path)
       key = (step, table.path if table else None,
-             table.meta.get("created") if table else None)
+             _created(table.path) if table else None)
       if self.version is not None and self.version.key == key:
         return False
       if self._vocabs is None:
