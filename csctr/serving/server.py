@@ -238,6 +238,11 @@ class Service:
       if self._vocabs is None:
         _, _, data_path = rundir.load_run_files(self.workdir)
         self._vocabs = vocab_lib.load_vocabularies(data_path)
+      if self.version is not None and _schema(
+          self.version.scorer.info) != _schema(info):
+        raise ValueError(  # requests are checked against the first schema
+            f"the checkpoint at step {step} takes other request fields "
+            f"({_schema(info)}) than the served one: restart the server")
       start = time.perf_counter()
       scorer = scorer_lib.Scorer(model, run_config.model, info, table,
                                  self.serving_config, step)
@@ -352,6 +357,11 @@ class Service:
 
 _ROUTES = frozenset({("POST", "/v1/score"), ("POST", "/v1/reload"),
                      ("GET", "/healthz"), ("GET", "/metrics")})
+
+
+def _schema(info: Any) -> tuple[Any, ...]:
+  return (info.sparse_features, info.num_dense, info.num_behaviors,
+          info.image_size)
 
 
 def _json(status: int, obj: Any) -> http.Response:
