@@ -37,6 +37,10 @@ setuptools.setup(
         # tensorboardX's event files (Orbax writes arrays with tensorstore).
         "gcp": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
         "plots": ["matplotlib>=3.8,<4"],
+        # benchmarks/peer_pytorch.py only (not in [test]: its test skips
+        # without it). A torch already installed that satisfies the range is
+        # kept; pip's CPU wheel: pip install torch==2.13.0.
+        "peer": ["torch>=2.4,<3"],
         "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
         "serve": _SERVE,
     },

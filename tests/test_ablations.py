@@ -155,12 +155,18 @@ def test_run_grid_aggregates_writes_and_resumes(tmp_path):
                              log=lambda _: None)
   assert ([(r["variant"], r["auc"]["mean"]) for r in again["summary"]]
           == [(r["variant"], r["auc"]["mean"]) for r in result["summary"]])
-  # One more cell: only it runs.
+  # One more cell: only it runs; a hand-written tail of results.md is kept.
+  tail = f"{ablations.KEEP_MARKER}\n## By hand\n\n| x | 1 |\n"
+  with open(os.path.join(out, "results.md"), "a") as f:
+    f.write(tail)
   calls.clear()
   more = cells + [ablations.Cell("synthetic", "se", 0)]
   ablations.run_grid(more, SMOKE, out, work, _stub_runner(calls),
                      log=lambda _: None)
   assert [w.split(os.sep)[-2] for _, w in calls] == ["se"]
+  md = open(os.path.join(out, "results.md")).read()
+  assert md.endswith(tail) and md.count(ablations.KEEP_MARKER) == 1
+  assert "| se |" in md
 
 
 def test_encoder_init_loads_a_frozen_pretrained_encoder(tmp_path):

@@ -127,13 +127,14 @@ def test_partition_rules_shard_only_id_tables():
 
   def spec(path, shape, shard_embeddings):
     return mesh_lib.partition_spec(path, shape, mesh, shard_embeddings,
-                                   config.mesh.fsdp, config.mesh.fsdp_min_size)
+                                   config.mesh.fsdp, config.mesh.fsdp_min_size,
+                                   config.mesh.embedding_axes)
 
   embed = ("id_embed", "user_id", "embedding")
   assert spec(embed, (62, 4), True) == jax.sharding.PartitionSpec("model", None)
   assert spec(embed, (62, 4), False) == jax.sharding.PartitionSpec()
-  # Adagrad's slot for the table follows the table.
-  slot = (1, "inner_states", "embed", "inner_state", 0, "sum_of_squares") + embed
+  # The embedding optimizer's slot for the table follows the table.
+  slot = ("embed_opt", "accumulator") + embed
   assert spec(slot, (62, 4), True) == jax.sharding.PartitionSpec("model", None)
   dense = ("head", "mlp", "layers", 0, "kernel")
   assert spec(dense, (64, 16), True) == jax.sharding.PartitionSpec()

@@ -13,10 +13,13 @@ config.byod_path holds (user guide: docs/byod.md):
 
 Rows. Every item of items.csv gets an item row (its line order) indexing the
 image table; item rows are not the item_id vocabulary. Vocabularies (user_id,
-item_id, category_id, extra columns) come from the train split only, sorted,
-row 0 = OOV: a cold (test-only) item keeps its image row but gets item_id 0,
-and its category only if some train item has it. Empty category_id or extra
-values map to 0. Chunk `user_id` is a dense index over all users, not a vocab
+item_id, extra columns: csctr/data/vocab.py) come from the train split only:
+row 0 = OOV, rows 1.. the values seen at least config.data.min_count times in
+train, most frequent first; config.data.hash_buckets > 0 hashes the other
+values into extra rows. A cold (test-only) item keeps its image row but gets
+item_id 0 (or its bucket), and its category only if some train item has it
+(category_id rows: the train categories, sorted). Empty category_id or extra
+values map to 0. prepare saves the vocabularies under <dataset>/vocab/. Chunk `user_id` is a dense index over all users, not a vocab
 row (GAUC groups by it; vocab rows would merge all cold users into one).
 impression_id = 0-based data row of impressions.csv (blank lines skipped).
 Behaviour lists keep the last L usable ids, right-padded with -1 (L = 0:
@@ -56,6 +59,7 @@ first few are logged with path and reason.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import math
 import os
@@ -65,6 +69,7 @@ import numpy as np
 
 from csctr.data import byod_items
 from csctr.data import source as source_lib
+from csctr.data import vocab as vocab_lib
 from csctr.data.byod_items import DataError  # Re-exported: byod.DataError.
 
 ITEMS_FILE = "items.csv"
@@ -213,10 +218,28 @@ def _note_first(first: dict[str, float], values: Sequence[str],
       first[v] = k
 
 
-def _vocab(first: dict[str, float], boundary: float) -> dict[str, int]:
-  """Values seen in train (first key < boundary) -> rows 1.., sorted."""
-  train = sorted(v for v, k in first.items() if k < boundary and v)
-  return {v: i + 1 for i, v in enumerate(train)}
+def _train_counts(reader: "_Reader", good: np.ndarray, boundary: float,
+                  n_items: int) -> tuple[list[collections.Counter], np.ndarray]:
+  """Train impressions per value of user_id and each extra column, per item.
+
+  A pass of its own: with timestamps the train/test boundary is known only
+  after pass 1. Empty values are not counted (they map to OOV).
+  """
+  columns = [reader.user, *reader.extra_cols]
+  counts = [collections.Counter() for _ in columns]
+  items = np.zeros(n_items, np.int64)
+  for _, rows, item_rows, _, keys in reader.chunks():
+    train = good[item_rows] & (keys < boundary)
+    items += np.bincount(item_rows[train], minlength=n_items)
+    rows = [r for r, t in zip(rows, train) if t]
+    for counter, c in zip(counts, columns):
+      counter.update(v for v in (r[c] for r in rows) if v)
+  return counts, items
+
+
+def _rows(vocab: vocab_lib.Vocabulary, values: Sequence[str]) -> list[int]:
+  """Vocabulary rows of raw values; an empty value is OOV, never hashed."""
+  return [vocab.row(v) if v else vocab_lib.OOV_ROW for v in values]
 
 
 def make_source(config: Any) -> source_lib.Source:
@@ -254,7 +277,7 @@ def make_source(config: Any) -> source_lib.Source:
 
   # Pass 1: validate every row; the first split key of every value decides
   # whether it is in the train vocabulary once the boundary is known.
-  first_user, first_extra = {}, [{} for _ in reader.extras]
+  first_user = {}
   item_first = np.full(n_items, math.inf)
   item_count = np.zeros(n_items, np.int64)
   times, train = [], 0
@@ -266,8 +289,6 @@ def make_source(config: Any) -> source_lib.Source:
     keys, item_rows = keys[kept], item_rows[kept]
     key_list = keys.tolist()
     _note_first(first_user, [r[reader.user] for r in rows], key_list)
-    for first, c in zip(first_extra, reader.extra_cols):
-      _note_first(first, [r[c] for r in rows], key_list)
     np.minimum.at(item_first, item_rows, keys)
     item_count += np.bincount(item_rows, minlength=n_items)
     if reader.mode == "time":
@@ -295,14 +316,23 @@ def make_source(config: Any) -> source_lib.Source:
                           reader.mode))
 
   users = {u: i for i, u in enumerate(first_user)}  # GAUC ids, all users.
-  user_vocab = _vocab(first_user, boundary)
-  extra_vocabs = [_vocab(first, boundary) for first in first_extra]
-  train_items = np.flatnonzero(item_first < boundary)
-  item_vocab = np.zeros(n_items, np.int32)  # item row -> item_id vocab row
-  order = sorted(train_items.tolist(), key=lambda r: items.ids[r])
-  item_vocab[order] = np.arange(1, len(order) + 1)
+  value_counts, item_train = _train_counts(reader, good, boundary, n_items)
+  vocab_options = dict(min_count=int(config.data.min_count),
+                       hash_buckets=int(config.data.hash_buckets))
+  vocabs = {name: vocab_lib.Vocabulary.build(name, counts, **vocab_options)
+            for name, counts in zip(("user_id", *reader.extras),
+                                    value_counts)}
+  train_items = np.flatnonzero(item_train)
+  vocabs["item_id"] = vocab_lib.Vocabulary.build(
+      "item_id", {items.ids[r]: item_train[r] for r in train_items},
+      **vocab_options)
+  item_vocab = vocabs["item_id"].lookup(items.ids)  # item row -> vocab row
   cats = sorted({items.categories[r] for r in train_items} - {""})
   cat_vocab = {c: i + 1 for i, c in enumerate(cats)}
+  vocabs["category_id"] = vocab_lib.Vocabulary(
+      "category_id", tuple(cats), np.array(
+          [sum(items.categories[r] == c for r in train_items) for c in cats],
+          np.int64))
   item_category = np.array([cat_vocab.get(c, 0) for c in items.categories],
                            np.int32)
   cold = int(item_count[item_first >= boundary].sum())
@@ -324,18 +354,18 @@ def make_source(config: Any) -> source_lib.Source:
         continue
       sel, it = [rows[j] for j in idx], item_rows[idx]
       sparse = np.zeros((len(idx), 3 + len(reader.extras)), np.int32)
-      sparse[:, 0] = [user_vocab.get(r[reader.user], 0) for r in sel]
+      sparse[:, 0] = _rows(vocabs["user_id"], [r[reader.user] for r in sel])
       sparse[:, 1] = item_vocab[it]
       sparse[:, 2] = item_category[it]
-      for f, (vocab, c) in enumerate(zip(extra_vocabs, reader.extra_cols)):
-        sparse[:, 3 + f] = [vocab.get(r[c], 0) for r in sel]
+      for f, (name, c) in enumerate(zip(reader.extras, reader.extra_cols)):
+        sparse[:, 3 + f] = _rows(vocabs[name], [r[c] for r in sel])
       chunk = {
           "item": it.astype(np.int32),
           "sparse": sparse,
           "dense": np.zeros((len(idx), 0), np.float32),
           "label": labels[idx],
           "user_id": np.array([users[r[reader.user]] for r in sel], np.int32),
-          "is_cold": item_vocab[it] == 0,
+          "is_cold": item_train[it] == 0,
           "impression_id": (start + idx).astype(np.int32),
       }
       if num_behaviors:
@@ -352,7 +382,8 @@ def make_source(config: Any) -> source_lib.Source:
       image_size=size, item_category=item_category,
       num_categories=len(cat_vocab) + 1,
       sparse_features=("user_id", "item_id", "category_id", *reader.extras),
-      vocab_sizes=(len(user_vocab) + 1, len(order) + 1, len(cat_vocab) + 1,
-                   *(len(v) + 1 for v in extra_vocabs)),
+      vocab_sizes=tuple(vocabs[name].size for name in (
+          "user_id", "item_id", "category_id", *reader.extras)),
       num_dense=0, num_behaviors=num_behaviors,
-      item_images=images.iterate, impressions=impressions, stats=stats)
+      item_images=images.iterate, impressions=impressions, stats=stats,
+      vocabularies=vocabs)

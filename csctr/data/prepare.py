@@ -66,6 +66,7 @@ from csctr.data import batch as batch_lib
 from csctr.data import prepared
 from csctr import metrics
 from csctr.data import source as source_lib
+from csctr.data import vocab as vocab_lib
 
 WRITER_OPTIONS = "group_size:1,snappy"
 # Impressions of partial groups carried to the next chunk (see Packer).
@@ -271,6 +272,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
   tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
   try:
     image_counts = _write_images(source, tmp)
+    vocab_lib.save_vocabularies(tmp, source.vocabularies)
     features = group_features(len(source.sparse_features), source.num_dense,
                               source.num_behaviors)
     groups_dir = os.path.join(tmp, prepared.GROUPS_DIR)

@@ -79,6 +79,8 @@ def dataset_key(config: Config) -> dict[str, Any]:
   return {"dataset": dataset.name, "image_size": config.data.image_size,
           "group_size": config.data.group_size,
           "num_behaviors": config.data.num_behaviors,
+          "vocab": {"min_count": config.data.min_count,
+                    "hash_buckets": config.data.hash_buckets},
           **dataset.key_inputs(config)}
 
 
