@@ -72,8 +72,9 @@ class Version:
     self.model_version = str(scorer.step)
     self.table_version = (os.path.basename(os.path.normpath(scorer.table.path))
                           if scorer.table is not None else "none")
-    self.key = (scorer.step, scorer.table.path if scorer.table else None,
-                table_lib.created_time(scorer.table.path) if scorer.table else None)
+    table = scorer.table
+    self.key = (scorer.step, table.path if table else None,
+                table_lib.created_time(table.path) if table else None)
 
   def _rows(self, name: str, values: list[str], field: str) -> np.ndarray:
     vocab = self.vocabs.get(name)
