@@ -44,35 +44,51 @@ def _work(body: bytes) -> bytes:
   return orjson.dumps({"scores": [0.5] * len(ids), "model_version": "x"})
 
 
-def serve(kind: str, port: int) -> None:  # pylint: disable=too-many-locals
+def serve(kind: str, port: int) -> None:
   """Runs one candidate server (in its own process) until killed."""
-  import uvloop  # pylint: disable=g-import-not-at-top
   if kind == "httptools":
-    from csctr.serving import http  # pylint: disable=g-import-not-at-top
+    _serve_httptools(port)
+  elif kind == "aiohttp":
+    _serve_aiohttp(port)
+  else:
+    import uvicorn  # pylint: disable=g-import-not-at-top
+    uvicorn.run(_asgi_application(kind), host="127.0.0.1", port=port,
+                log_level="warning", loop="uvloop", http="httptools",
+                access_log=False)
 
-    async def handler(request):
-      return http.Response(200, _work(request.body))
 
-    async def main():
-      await http.start_server(handler, "127.0.0.1", port, 1 << 20)
-      await asyncio.Event().wait()
+def _serve_httptools(port: int) -> None:
+  """csctr's own server (csctr/serving/http.py) on uvloop."""
+  import uvloop  # pylint: disable=g-import-not-at-top
+  from csctr.serving import http  # pylint: disable=g-import-not-at-top
 
-    uvloop.run(main())
-    return
-  if kind == "aiohttp":
-    from aiohttp import web  # pylint: disable=g-import-not-at-top
+  async def handler(request):
+    return http.Response(200, _work(request.body))
 
-    async def score(request):
-      return web.Response(body=_work(await request.read()),
-                          content_type="application/json")
+  async def main():
+    await http.start_server(handler, "127.0.0.1", port, 1 << 20)
+    await asyncio.Event().wait()
 
-    application = web.Application()
-    application.router.add_post("/v1/score", score)
-    uvloop.install()
-    web.run_app(application, host="127.0.0.1", port=port, access_log=None,
-                print=None)
-    return
-  import uvicorn  # pylint: disable=g-import-not-at-top
+  uvloop.run(main())
+
+
+def _serve_aiohttp(port: int) -> None:
+  import uvloop  # pylint: disable=g-import-not-at-top
+  from aiohttp import web  # pylint: disable=g-import-not-at-top
+
+  async def score(request):
+    return web.Response(body=_work(await request.read()),
+                        content_type="application/json")
+
+  application = web.Application()
+  application.router.add_post("/v1/score", score)
+  uvloop.install()
+  web.run_app(application, host="127.0.0.1", port=port, access_log=None,
+              print=None)
+
+
+def _asgi_application(kind: str):
+  """The ASGI app uvicorn serves: bare ASGI, Starlette or FastAPI."""
   if kind == "asgi":
 
     async def application(scope, receive, send):
@@ -86,7 +102,8 @@ def serve(kind: str, port: int) -> None:  # pylint: disable=too-many-locals
           (b"content-type", b"application/json"),
           (b"content-length", str(len(out)).encode())]})
       await send({"type": "http.response.body", "body": out})
-  elif kind == "starlette":
+    return application
+  if kind == "starlette":
     from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
     from starlette.responses import Response  # pylint: disable=g-import-not-at-top
     from starlette.routing import Route  # pylint: disable=g-import-not-at-top
@@ -95,18 +112,15 @@ def serve(kind: str, port: int) -> None:  # pylint: disable=too-many-locals
       return Response(_work(await request.body()),
                       media_type="application/json")
 
-    application = Starlette(routes=[Route("/v1/score", score,
-                                          methods=["POST"])])
-  else:  # fastapi
-    import fastapi  # pylint: disable=g-import-not-at-top
-    application = fastapi.FastAPI()
+    return Starlette(routes=[Route("/v1/score", score, methods=["POST"])])
+  import fastapi  # pylint: disable=g-import-not-at-top
+  application = fastapi.FastAPI()
 
-    @application.post("/v1/score")
-    async def score(request: fastapi.Request):
-      return fastapi.responses.Response(_work(await request.body()),
-                                        media_type="application/json")
-  uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning",
-              loop="uvloop", http="httptools", access_log=False)
+  @application.post("/v1/score")
+  async def score(request: fastapi.Request):  # pylint: disable=unused-variable
+    return fastapi.responses.Response(_work(await request.body()),
+                                      media_type="application/json")
+  return application
 
 
 def _cpu(pid: int) -> float:

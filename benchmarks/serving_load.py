@@ -30,14 +30,12 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (optional).")
 _CACHE = flags.DEFINE_string("cache_dir", "/tmp/csctr_serving_load",

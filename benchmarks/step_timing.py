@@ -299,9 +299,13 @@ def run_worker(script: str, args: list[str], devices: int,
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
                         f"platform_device_count={devices}")
-  proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker",
-                         *args], env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  # As `python -m benchmarks.NAME` from the repository root, so that the
+  # worker imports like its parent whether or not the package is installed.
+  script = os.path.abspath(script)
+  module = "benchmarks." + os.path.splitext(os.path.basename(script))[0]
+  proc = subprocess.run([sys.executable, "-m", module, "--worker", *args],
+                        env=env, cwd=os.path.dirname(os.path.dirname(script)),
+                        capture_output=True, text=True, timeout=timeout)
   sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
                            if not line.startswith("RESULT ")))
   if proc.returncode:

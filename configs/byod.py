@@ -17,8 +17,8 @@ Made for logs it has never seen:
     groups_per_batch keeps 200 impression slots per batch
     (csctr/data/autobatch.py). A dense log keeps K = 25; a sparse one
     (a few impressions per item) gets small groups instead of padding.
-  - validation_fraction=0.1: the latest tenth of the train period (or rows
-    whose split column says 'validation') selects the checkpoint; the test
+  - validation_fraction=0.1: the last tenth of the train rows (file order)
+    selects the checkpoint; the test
     split is scored once, on the best one. WORKDIR/baselines.json holds the
     popularity, item-CTR, user x category and ID-only LR baselines on the
     same splits.

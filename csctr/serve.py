@@ -49,9 +49,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before JAX starts: inline dispatch, single-threaded kernels (latency).
-  from csctr.serving import scorer  # pylint: disable=g-import-not-at-top
+  from csctr.serving import cpu  # pylint: disable=g-import-not-at-top
   from csctr.serving import server  # pylint: disable=g-import-not-at-top
-  scorer.configure_cpu_serving()
+  cpu.configure_cpu_serving()
   token = os.environ.get("CSCTR_SERVE_TOKEN")
   if _TOKEN_FILE.value:
     with open(_TOKEN_FILE.value) as f:

@@ -406,21 +406,3 @@ def test_prepare_dataset_reports_the_skips(tmp_path):
   assert (splits["train"].impressions, splits["test"].impressions) == (8, 2)
   assert splits["test"].cold_impressions == 2
   assert info.vocab_sizes == (4, 4, 3, 4) and info.num_categories == 3
-
-
-def test_validation_rows_by_split_value_and_by_time(tmp_path):
-  header = ("user_id", "item_id", "label", "split")
-  rows = [("u1", "a", "1", "train"), ("u2", "b", "0", "validation"),
-          ("u1", "b", "1", "train"), ("u3", "c", "0", "test")]
-  source = byod.make_source(make_config(
-      make_dataset(tmp_path, rows, header), num_behaviors=0))
-  train = collect(source, "train")  # validation rows are train for vocabs
-  np.testing.assert_array_equal(train["impression_id"], [0, 1, 2])
-  np.testing.assert_array_equal(train["is_validation"], [False, True, False])
-  # Timestamps: train is ts 1..8; the latest quarter of it (ts 7, 8) is
-  # validation: rows 7 and 9.
-  config = make_config(make_dataset(tmp_path / "t"), num_behaviors=0)
-  config.data.validation_fraction = 0.25
-  train = collect(byod.make_source(config), "train")
-  np.testing.assert_array_equal(
-      train["impression_id"][train["is_validation"]], [7, 9])

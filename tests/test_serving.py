@@ -70,8 +70,9 @@ def _candidates(workdir, n, seed=0):
   _, _, data_path = rundir.load_run_files(workdir)
   info = pipeline.load_info(data_path)
   rng = np.random.default_rng(seed)
-  items = rng.integers(0, 120, n)
-  category = np.load(os.path.join(data_path, "item_category.npy"))[items]
+  item_category = np.load(os.path.join(data_path, "item_category.npy"))
+  items = rng.integers(0, len(item_category), n)
+  category = item_category[items]
   sparse = np.stack([rng.integers(1, v, n) for v in info.vocab_sizes], 1)
   sparse[:, 2] = category
   images = np.load(os.path.join(data_path, "images.npy"))[items]
@@ -117,9 +118,10 @@ def test_unknown_ids_go_to_oov_rows(workdir, scorer):
   oov = sparse.copy()
   oov[:, 1] = 0
   base = scorer.score(_request(0, oov, items)).logits
-  for user in (10**6, -3, 62):  # 62 = vocab size: one past the last row
+  users, item_ids = scorer.info.vocab_sizes[:2]  # one past the last rows
+  for user in (10**6, -3, users):
     bad = sparse.copy()
-    bad[:, 1] = [10**7, -1, 97, 10**9, -5]  # item vocab has 97 rows
+    bad[:, 1] = [10**7, -1, item_ids, 10**9, -5]
     np.testing.assert_array_equal(
         scorer.score(_request(user, bad, items)).logits, base)
 
@@ -255,7 +257,8 @@ def test_stablehlo_round_trip(scorer, tmp_path):
   rng = np.random.default_rng(4)
   sparse = np.stack([rng.integers(0, v, 16) for v in scorer.info.vocab_sizes],
                     1).astype(np.int32)
-  ad = np.asarray(scorer.table.embeddings[rng.integers(0, 120, 16)])
+  ad = np.asarray(scorer.table.embeddings[rng.integers(0, len(scorer.table),
+                                                      16)])
   args = (sparse, np.zeros((16, 0), np.float32), ad,
           np.zeros((0, ad.shape[1]), np.float32), np.zeros((0,), bool))
   np.testing.assert_allclose(

@@ -48,6 +48,7 @@ class SplitStats:
     ctr: clicks / impressions.
     bayes_auc: AUC of the true CTR on the split (simulated data), else None.
     bayes_auc_cold: the same on its cold impressions.
+    shard_lengths: groups per ArrayRecord shard (prepared.shard_paths).
   """
 
   impressions: int
@@ -58,6 +59,9 @@ class SplitStats:
   ctr: float
   bayes_auc: float | None = None
   bayes_auc_cold: float | None = None
+  # Groups in each ArrayRecord shard of the split, in order (the Beam path
+  # writes many; empty for datasets prepared before shards were recorded).
+  shard_lengths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,6 @@ import json
 import logging as py_logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -71,6 +70,8 @@ import numpy as np
 from csctr.data import batch as batch_lib
 from csctr.model import ctr
 from csctr.data import prepared
+from csctr import progress as progress_lib
+from csctr.data import image_store
 from csctr import rundir
 
 from csctr.serving.table import CATEGORIES_FILE
@@ -130,8 +131,7 @@ class ImageSource:
 def load_images(spec: str) -> ImageSource:
   """A prepared dataset directory, or an .npz with images/categories[/ids]."""
   if os.path.isdir(spec):
-    images = np.load(os.path.join(spec, prepared.IMAGES_FILE),
-                     mmap_mode="r")
+    images = image_store.open_images(spec, prepared.load_info(spec))
     categories = np.load(os.path.join(spec, prepared.CATEGORY_FILE))
     ids, raw = np.arange(len(images), dtype=np.int64), None
   elif spec.endswith(".npz"):
@@ -166,28 +166,6 @@ def _check_source(source: ImageSource, info: batch_lib.DataInfo) -> None:
 
 
 # ---------------------------------------------------------------- writing
-
-
-class _Progress:
-  """One self-overwriting stderr line: done/total, images/s, ETA."""
-
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled = total, enabled
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if not self.enabled or (now - self.last < 0.5 and done < self.total):
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    sys.stderr.write(f"\rexport: {done}/{self.total} images "
-                     f"({100 * done / max(self.total, 1):.0f}%) "
-                     f"{rate:.0f} images/s ETA {eta:.0f}s ")
-    if done >= self.total:
-      sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 @functools.lru_cache(maxsize=8)
@@ -341,7 +319,7 @@ def _encode_rows(encode: Any, source: ImageSource, first: np.ndarray,
       np.zeros((batch_size, *source.images.shape[1:]), np.uint8),
       np.zeros(batch_size, np.int32)))
   compile_seconds = time.perf_counter() - start
-  bar = _Progress(n, progress)
+  bar = progress_lib.ProgressLine("export", "images", n, enabled=progress)
   start = time.perf_counter()
 
   def host_batch(lo: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,7 @@ from csctr.serving import http
 from csctr.serving import metrics as metrics_lib
 from csctr.serving import schema
 from csctr.serving import scorer as scorer_lib
+from csctr.serving import table as table_lib
 from csctr.serving.batcher import MicroBatcher
 
 
@@ -71,8 +72,9 @@ class Version:
     self.model_version = str(scorer.step)
     self.table_version = (os.path.basename(os.path.normpath(scorer.table.path))
                           if scorer.table is not None else "none")
-    self.key = (scorer.step, scorer.table.path if scorer.table else None,
-                scorer.table.meta.get("created") if scorer.table else None)
+    table = scorer.table
+    self.key = (scorer.step, table.path if table else None,
+                table_lib.created_time(table.path) if table else None)
 
   def _rows(self, name: str, values: list[str], field: str) -> np.ndarray:
     vocab = self.vocabs.get(name)
@@ -120,46 +122,6 @@ class Version:
     return out
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest committed checkpoint step, from directory names alone.
-
-  Orbax writes a step into a tmp directory and renames it to the bare step
-  number when complete (and, on object stores, adds commit_success.txt), so
-  a digit-named directory is committed; asked every few seconds, this must
-  not open a CheckpointManager.
-  """
-  root = rundir.checkpoint_dir(workdir)
-  steps = [int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
-           if n.isdigit()]
-  return max(steps, default=None)
-
-
-def pick_table(where: str, config_hash: str, encoder_hash: str | None
-               ) -> str | None:
-  """`where` if it is a table, else its newest table of this model.
-
-  Newest by meta.json's `created`, then name; a table of another model
-  (config hash) or checkpoint (encoder hash; None accepts any) is skipped.
-  """
-  if os.path.exists(os.path.join(where, export_lib.META_FILE)):
-    return where
-  best = None
-  for name in sorted(os.listdir(where)) if os.path.isdir(where) else ():
-    path = os.path.join(where, name)
-    try:
-      with open(os.path.join(path, export_lib.META_FILE)) as f:
-        meta = json.load(f)
-    except (OSError, ValueError):
-      continue  # not a table (or a hidden tmp directory being written)
-    if meta.get("config_hash") != config_hash or (
-        encoder_hash is not None and meta.get("encoder_hash") != encoder_hash):
-      continue
-    rank = (meta.get("created", ""), name)
-    if best is None or rank > best[0]:
-      best = (rank, path)
-  return best[1] if best else None
-
-
 class Service:
   """Versions, swaps, the batcher and the metrics of one serving process."""
 
@@ -205,7 +167,7 @@ class Service:
     while the next one is restored, compiled and warmed up.
     """
     with self._reload_lock:
-      step = latest_step(self.workdir)
+      step = rundir.latest_committed_step(self.workdir)
       if step is None:
         raise FileNotFoundError(f"no committed checkpoint in {self.workdir}")
       if self._model is None or self._model[0] != step:
@@ -216,7 +178,7 @@ class Service:
       step, model, run_config, info, enc = self._model
       table = None
       if model.use_image:
-        path = pick_table(self._table_root(),
+        path = table_lib.pick_table(self._table_root(),
                           export_lib.config_hash(run_config.model, info),
                           None if self.config.allow_other_checkpoint else enc)
         if path is None:
@@ -226,12 +188,17 @@ class Service:
           return False
         table = export_lib.EmbeddingTable(path)
       key = (step, table.path if table else None,
-             table.meta.get("created") if table else None)
+             table_lib.created_time(table.path) if table else None)
       if self.version is not None and self.version.key == key:
         return False
       if self._vocabs is None:
         _, _, data_path = rundir.load_run_files(self.workdir)
         self._vocabs = vocab_lib.load_vocabularies(data_path)
+      if self.version is not None and _schema(
+          self.version.scorer.info) != _schema(info):
+        raise ValueError(  # requests are checked against the first schema
+            f"the checkpoint at step {step} takes other request fields "
+            f"({_schema(info)}) than the served one: restart the server")
       start = time.perf_counter()
       scorer = scorer_lib.Scorer(model, run_config.model, info, table,
                                  self.serving_config, step)
@@ -346,6 +313,11 @@ class Service:
 
 _ROUTES = frozenset({("POST", "/v1/score"), ("POST", "/v1/reload"),
                      ("GET", "/healthz"), ("GET", "/metrics")})
+
+
+def _schema(info: Any) -> tuple[Any, ...]:
+  return (info.sparse_features, info.num_dense, info.num_behaviors,
+          info.image_size)
 
 
 def _json(status: int, obj: Any) -> http.Response:

@@ -106,3 +106,35 @@ class EmbeddingTable:
           f"checkpoint (table step {self.meta['step']}, model step {step}; "
           "encoder parameters differ): re-export it for this step, or pass "
           "allow_other_checkpoint=True to accept stale embeddings")
+
+
+def created_time(table_path: str) -> float:
+  """When a table was written: meta.json's mtime (tables older than
+  `created_unix` lack that field; an --overwrite rewrites the file)."""
+  return os.path.getmtime(os.path.join(table_path, META_FILE))
+
+
+def pick_table(where: str, config_hash: str, encoder_hash: str | None
+               ) -> str | None:
+  """`where` if it is a table, else its newest table of this model.
+
+  Newest by meta.json's `created_unix`, then name; a table of another model
+  (config hash) or checkpoint (encoder hash; None accepts any) is skipped.
+  """
+  if os.path.exists(os.path.join(where, META_FILE)):
+    return where
+  best = None
+  for name in sorted(os.listdir(where)) if os.path.isdir(where) else ():
+    path = os.path.join(where, name)
+    try:
+      with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue  # not a table (or a hidden tmp directory being written)
+    if meta.get("config_hash") != config_hash or (
+        encoder_hash is not None and meta.get("encoder_hash") != encoder_hash):
+      continue
+    rank = (meta.get("created_unix") or created_time(path), name)
+    if best is None or rank > best[0]:
+      best = (rank, path)
+  return best[1] if best else None
