@@ -40,10 +40,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
-from csctr.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from csctr.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
+from benchmarks import step_timing
+from csctr.training import mesh as mesh_lib
+from csctr.training import steps as steps_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "default.py"),

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +84,20 @@ def cost(compiled: Any) -> dict[str, float]:
           "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
 
 
+def timing_batch(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
+                 steps: steps_lib.Steps, seed: int = 0) -> dict[str, jax.Array]:
+  """A dummy batch of config's shapes, on device, every slot a real impression.
+
+  dummy_batch pads the last group; the step costs the same either way, and
+  throughput then counts all B slots.
+  """
+  d = config.data
+  local = batch_lib.dummy_batch(info, d.groups_per_batch, d.group_size,
+                                d.unique_images, seed=seed)
+  local["weight"] = np.ones_like(local["weight"])
+  return mesh_lib.global_batch(local, steps.data_sharding)
+
+
 def time_train_step(config: ml_collections.ConfigDict,
                     info: batch_lib.DataInfo, mesh: jax.sharding.Mesh, *,
                     runs: int = 5, min_run_s: float = 1.0, warmup: int = 3,
@@ -100,13 +114,7 @@ def time_train_step(config: ml_collections.ConfigDict,
   steps = steps or steps_lib.build_steps(config, info, mesh)
   if state is None:
     state = init_state(steps)
-  d = config.data
-  local = batch_lib.dummy_batch(info, d.groups_per_batch, d.group_size,
-                                d.unique_images, seed=0)
-  # Every slot a real impression (dummy_batch pads the last group): the
-  # step costs the same either way, and throughput then counts all B slots.
-  local["weight"] = np.ones_like(local["weight"])
-  batch = mesh_lib.global_batch(local, steps.data_sharding)
+  batch = timing_batch(config, info, steps)
 
   start = time.perf_counter()
   compiled = steps.train_step.lower(state, batch).compile()
@@ -131,6 +139,41 @@ def time_train_step(config: ml_collections.ConfigDict,
   return {"step_s": statistics.median(times), "step_s_runs": times,
           "steps_per_run": per_run, "compile_s": compile_s,
           **cost(compiled), **memory_bytes(compiled)}
+
+
+def step_runner(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
+                compiler_options: dict[str, Any] | None = None
+                ) -> tuple[Callable[[int], float], int]:
+  """(n -> seconds for n train steps, parameter count), for interleaved timing.
+
+  The trainer's own compiled step (steps_lib.build_steps) on timing_batch,
+  its state carried from call to call; each call ends with
+  block_until_ready, so its seconds are the steps' own. Lets a benchmark
+  alternate between implementations (benchmarks/peer_pytorch.py);
+  compiler_options (XLA debug options, e.g. {'xla_cpu_use_xnnpack': True})
+  compare compilations of one step in one process.
+  """
+  mesh = mesh_lib.make_mesh(config)
+  steps = steps_lib.build_steps(config, info, mesh)
+  holder = {"state": init_state(steps)}
+  batch = timing_batch(config, info, steps)
+  compiled = steps.train_step.lower(holder["state"], batch).compile(
+      compiler_options)
+  n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+
+  def run(n: int) -> float:
+    state = holder["state"]
+    start = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - start
+    holder["state"] = state
+    if not np.isfinite(float(metrics["loss"])):
+      raise FloatingPointError("non-finite loss while timing")
+    return elapsed
+
+  return run, n_params
 
 
 def _cpuinfo() -> tuple[set[str], float]:
@@ -256,9 +299,13 @@ def run_worker(script: str, args: list[str], devices: int,
     env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
                         f"platform_device_count={devices}")
-  proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker",
-                         *args], env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  # As `python -m benchmarks.NAME` from the repository root, so that the
+  # worker imports like its parent whether or not the package is installed.
+  script = os.path.abspath(script)
+  module = "benchmarks." + os.path.splitext(os.path.basename(script))[0]
+  proc = subprocess.run([sys.executable, "-m", module, "--worker", *args],
+                        env=env, cwd=os.path.dirname(os.path.dirname(script)),
+                        capture_output=True, text=True, timeout=timeout)
   sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
                            if not line.startswith("RESULT ")))
   if proc.returncode:

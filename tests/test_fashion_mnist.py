@@ -109,7 +109,8 @@ def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   np.testing.assert_array_equal(cold, ~np.isin(items, train_items))
   assert cold[items >= 32].all() and (items >= 32).any()
   batch = next(pipeline.train_iterator(config, path))
-  assert batch["images"].shape == (8, 16, 16, 3)
+  size = config.data.image_size
+  assert batch["images"].shape == (config.data.unique_images, size, size, 3)
   assert not batch["is_cold"].any()
   # Within a category the visual score depends on the pixels: not constant.
   score, style = fashion_mnist.visual_latents(

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from configs import tiny
 from csctr.training import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,11 +105,12 @@ def test_meshes_place_state_as_configured(results):
   assert {axes(s) for s in res["dp8"]["specs"].values()} == {()}
   specs = {k: axes(v) for k, v in res["dp4_mp2"]["specs"].items()}
   shapes = {k: v.shape for k, v in params["dp4_mp2"].items()}
-  # Every table is padded to model.table_row_multiple rows (97 item ids ->
-  # 128 rows), so every one splits over model=2: none is replicated.
+  # Every table is padded to model.table_row_multiple rows (e.g. 97 item ids
+  # -> 128 rows), so every one splits over model=2: none is replicated.
+  multiple = tiny.get_config().model.table_row_multiple
   for feature in ("user_id", "item_id", "category_id", "position"):
     assert specs[f"id_embed/{feature}/embedding/value"] == ("model",)
-    assert shapes[f"id_embed/{feature}/embedding/value"][0] % 64 == 0
+    assert shapes[f"id_embed/{feature}/embedding/value"][0] % multiple == 0
   # FSDP: the largest dim that divides over data=4, for big enough leaves.
   assert specs["head/mlp/layers/0/kernel/value"] == ("data",)  # (24, 16)
   # Ties go to the first dim: (3, 3, 8, 8), 576 elements; (4, 16, 16).

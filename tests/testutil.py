@@ -64,3 +64,31 @@ def check_min_count_and_hashing(make_source, config, min_count=8):
   train = collect(hashed, "train")
   assert hashed.vocab_sizes[col] == vocab.size + 5
   assert (train["sparse"][rare[train["item"]], col] >= vocab.size).all()
+
+
+def trainer_eval_slots(workdir: str, data_path: str):
+  """The trainer's own eval step over a run's test split, batch by batch.
+
+  Yields (batch, logits [B], item [B], real): `item` is the image row of
+  each impression slot (its group record's item; -1 for padding), `real`
+  the indices of the real impressions. The serving tests compare the scorer
+  with these logits.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from csctr import rundir  # pylint: disable=g-import-not-at-top
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from csctr.training import steps  # pylint: disable=g-import-not-at-top
+  model, config, _, _ = rundir.restore_model(workdir)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  eval_step = jax.jit(steps.make_eval_step(graphdef))
+  state = {"params": params, "rest": rest}
+  groups = pipeline.groups_source(data_path, "test")
+  g, k = config.data.eval_groups_per_batch, config.data.group_size
+  for b, batch in enumerate(pipeline.eval_batches(config, data_path)):
+    logits = np.asarray(eval_step(state, batch)["logits"])
+    item = np.full(g * k, -1)
+    for j in range(g):
+      if b * g + j < len(groups):
+        item[j * k:(j + 1) * k] = groups[b * g + j]["item"]
+    yield batch, logits, item, np.flatnonzero(batch["weight"] > 0)
+

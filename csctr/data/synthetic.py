@@ -338,6 +338,20 @@ def render(img: ImageLatents, rows: np.ndarray, size: int,
   return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def simulator_for(items: ItemLatents, num_categories: int,
+                  section: ml_collections.ConfigDict,
+                  data: ml_collections.ConfigDict) -> ImpressionSimulator:
+  """The simulator of a generated dataset: its config section's sizes and
+  seed (config.synthetic, config.fashion_mnist) and config.data's L and
+  vocabulary rules."""
+  return ImpressionSimulator(
+      items, num_categories=num_categories, num_users=section.num_users,
+      num_impressions=section.num_impressions,
+      test_fraction=section.test_fraction, num_behaviors=data.num_behaviors,
+      chunk_size=section.chunk_size, seed=section.seed,
+      min_count=data.min_count, hash_buckets=data.hash_buckets)
+
+
 def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
   """The synthetic dataset of `config.synthetic` as a streaming Source."""
   cfg, size = config.synthetic, config.data.image_size
@@ -350,12 +364,7 @@ def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
   num_categories = cfg.num_categories + 1  # row 0 = OOV
   items, img = sample_items(cfg.num_items, num_categories,
                             cfg.cold_item_fraction, cfg.seed)
-  sim = ImpressionSimulator(
-      items, num_categories=num_categories, num_users=cfg.num_users,
-      num_impressions=cfg.num_impressions, test_fraction=cfg.test_fraction,
-      num_behaviors=config.data.num_behaviors, chunk_size=cfg.chunk_size,
-      seed=cfg.seed, min_count=config.data.min_count,
-      hash_buckets=config.data.hash_buckets)
+  sim = simulator_for(items, num_categories, cfg, config.data)
 
   def item_images(batch: int = 256):
     for i, lo in enumerate(range(0, cfg.num_items, batch)):
