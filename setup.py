@@ -2,6 +2,7 @@
 
 import setuptools
 
+_BEAM = ["apache-beam[gcp]>=2.77,<3", "pyarrow>=14,<26", "psutil>=5.9,<8"]
 # python -m csctr.serve (HTTP parser, event loop, JSON) and the load
 # generator of benchmarks/serving_load.py (aiohttp).
 _SERVE = ["httptools>=0.6,<1", "orjson>=3.9,<4",
@@ -35,7 +36,7 @@ setuptools.setup(
         "test": ["pytest>=8,<10", "flatbuffers>=23,<30", "matplotlib>=3.8,<4", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
                  # [gcp] and the GCS emulator the gs:// tests run against
                  "gcsfs>=2024.2", "google-cloud-storage>=2.14,<4", "gcp-storage-emulator>=2024.8",
-                 *_SERVE],
+                 *_SERVE, *_BEAM],
         # gs:// paths: gcsfs for etils.epath, google-cloud-storage for
         # tensorboardX's event files (Orbax writes arrays with tensorstore).
         "gcp": ["gcsfs>=2024.2", "google-cloud-storage>=2.14,<4"],
@@ -46,5 +47,8 @@ setuptools.setup(
         "peer": ["torch>=2.4,<3"],
         "serving": ["flatbuffers>=23,<30"],  # jax.export serialisation
         "serve": _SERVE,
+        # python -m csctr.prepare --runner=<Beam runner>; Parquet logs
+        # (pyarrow also reads them in-process); psutil: benchmarks/prepare.py.
+        "beam": _BEAM,
     },
 )

@@ -46,6 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fewer than min_count times there share the OOV row 0 with the ids never
   # seen (cold items then get the row rare items trained); hash_buckets > 0
   # hashes those ids into that many extra rows instead.
+  # Item images in the prepared dataset (csctr/data/image_store.py): raw
+  # uint8 | png (lossless) | jpeg | original (the files' bytes, Beam path);
+  # encoded ones are decoded in the Grain map.
+  config.data.image_storage = "raw"
   config.data.min_count = 1
   config.data.hash_buckets = 0
   config.data.eval_groups_per_batch = 32
@@ -88,7 +92,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.byod.resize = "pad"  # pad (white letterbox) | stretch | crop
   config.byod.skip_bad_images = True  # False: a bad image is an error
   config.byod.image_cache_mb = 512  # keep decoded images if they fit
+  # impressions: '' = impressions.csv | impressions.parquet | impressions/
+  # (a folder of Parquet files) in byod_path; else a file, folder or glob.
+  config.byod.impressions = ""
+  # An image symlink resolving outside byod_path is refused unless True.
+  config.byod.allow_external_links = False
   config.byod.num_threads = 0  # image decoding threads (0: min(8, cpus))
+
+  # python -m csctr.prepare on a Beam runner (csctr/data/beam_prepare.py,
+  # docs/data.md): ArrayRecord shards per split (~10^6 impressions each)
+  # and image store shards. How, not what: not in the dataset's cache key.
+  config.beam = ml_collections.ConfigDict()
+  config.beam.num_shards = 8
+  config.beam.image_shards = 8
 
   config.model = ml_collections.ConfigDict()
   config.model.use_image = True  # False: the no-image DCN baseline
@@ -152,7 +168,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ... over these axes: ("model",), or ("data", "model") for every device.
   config.mesh.embedding_axes = ("model",)
   # FSDP: shard every leaf of >= fsdp_min_size elements (params and optimizer
-  # slots) along its largest dim that divides over 'data' (csctr/training/mesh.py,
+  # slots) along its largest dim that divides over 'data' (csctr/training/loop.py,
   # SHARDING_RULES); smaller ones stay replicated.
   config.mesh.fsdp = False
   config.mesh.fsdp_min_size = 1 << 18

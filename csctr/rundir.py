@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -25,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from csctr import metrics
 from csctr.data import batch as batch_lib
+from csctr.data import vocab as vocab_lib
 from csctr.model import ctr
 
 METRICS_FILE = "eval_metrics.jsonl"
@@ -111,6 +113,20 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
                      json.loads(config.to_json_best_effort()))
   _write_json_atomic(os.path.join(workdir, DATA_INFO_FILE),
                      {**info.to_json(), "data_path": data_path})
+  # The vocabularies travel with the run: serving maps raw ids with them
+  # even after the dataset cache is cleared or on another machine.
+  source = os.path.join(data_path, vocab_lib.VOCAB_DIR)
+  if os.path.isdir(source):
+    target = os.path.join(workdir, vocab_lib.VOCAB_DIR)
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+      shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
+def load_vocabularies(workdir: str) -> dict[str, vocab_lib.Vocabulary]:
+  """The raw-id vocabularies of the run's dataset ({} when it has none:
+  simulated datasets, whose ids are rows)."""
+  return vocab_lib.load_vocabularies(workdir)
 
 
 def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,

@@ -57,7 +57,7 @@ def abstract(tree, shardings):
 
 results = {}
 c = tiny.get_config()
-c.model.use_image = True
+c.model.use_image = False  # the CNN has nothing table-sized; it only compiles
 info = batch_lib.DataInfo(("user_id", "item_id", "category_id", "position"),
                           (rows, rows, 4, 11), 0, 4, 16)
 for name, shape, shard, axes, opt in [
@@ -105,7 +105,7 @@ def hlo_collectives(tmp_path_factory):
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(ROWS), str(out)],
                         cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+                        timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(out.read_text())
 

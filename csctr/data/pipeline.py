@@ -43,6 +43,7 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from csctr.data import batch as batch_lib
+from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
 from csctr.data import registry
@@ -66,8 +67,9 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> str:
   if prepared.is_prepared(path):
     return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
-  return prepare_lib.prepare(registry.make_source(config), path,
-                             group_size=config.data.group_size, key=key)
+  return prepare_lib.prepare(
+      registry.make_source(config), path, group_size=config.data.group_size,
+      key=key, image_storage=key["image_storage"])
 
 
 # ---------------------------------------------------------------- reading
@@ -111,7 +113,7 @@ class GroupSource:
     reader = self._reader
     if reader is None:  # a race here only opens a second reader
       reader = self._reader = array_record_data_source.ArrayRecordDataSource(
-          [prepared.shard_path(self._path, self._split)])
+          prepared.shard_paths(self._path, self._split))
     example = tf_example_pb2.Example()
     example.ParseFromString(reader[index])
     feature = example.features.feature
@@ -155,8 +157,7 @@ class Collator:
     # One assignment, so a concurrent prefetch thread sees both or neither.
     if self._tables_ is None:
       self._tables_ = (
-          np.load(os.path.join(self.path, prepared.IMAGES_FILE),
-                  mmap_mode="r"),
+          image_store.open_images(self.path, self.info),
           np.load(os.path.join(self.path, prepared.CATEGORY_FILE)))
     return self._tables_
 

@@ -71,6 +71,11 @@ class MicroBatcher:
   def _next_batch(self) -> list | None:
     first = self._carry if self._carry is not None else self._queue.get()
     self._carry = None
+    # Requests whose client hung up (the future was cancelled when the
+    # connection closed) are dropped unscored: under overload, the server
+    # then spends its time on requests someone still waits for.
+    while first is not None and first[1].done():
+      first = self._queue.get()
     if first is None:
       return None
     batch, total = [first], first[0].n
@@ -89,6 +94,8 @@ class MicroBatcher:
       if item is None:
         self._queue.put(None)
         break
+      if item[1].done():  # its client went away (connection closed)
+        continue
       if total + item[0].n > self.max_candidates:
         self._carry = item
         break

@@ -71,6 +71,7 @@ from csctr.data import batch as batch_lib
 from csctr.model import ctr
 from csctr.data import prepared
 from csctr import progress as progress_lib
+from csctr.data import image_store
 from csctr import rundir
 
 from csctr.serving.table import CATEGORIES_FILE
@@ -130,8 +131,7 @@ class ImageSource:
 def load_images(spec: str) -> ImageSource:
   """A prepared dataset directory, or an .npz with images/categories[/ids]."""
   if os.path.isdir(spec):
-    images = np.load(os.path.join(spec, prepared.IMAGES_FILE),
-                     mmap_mode="r")
+    images = image_store.open_images(spec, prepared.load_info(spec))
     categories = np.load(os.path.join(spec, prepared.CATEGORY_FILE))
     ids, raw = np.arange(len(images), dtype=np.int64), None
   elif spec.endswith(".npz"):

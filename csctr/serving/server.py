@@ -72,8 +72,9 @@ class Version:
     self.model_version = str(scorer.step)
     self.table_version = (os.path.basename(os.path.normpath(scorer.table.path))
                           if scorer.table is not None else "none")
-    self.key = (scorer.step, scorer.table.path if scorer.table else None,
-                scorer.table.meta.get("created") if scorer.table else None)
+    table = scorer.table
+    self.key = (scorer.step, table.path if table else None,
+                table_lib.created_time(table.path) if table else None)
 
   def _rows(self, name: str, values: list[str], field: str) -> np.ndarray:
     vocab = self.vocabs.get(name)
@@ -187,12 +188,17 @@ class Service:
           return False
         table = export_lib.EmbeddingTable(path)
       key = (step, table.path if table else None,
-             table.meta.get("created") if table else None)
+             table_lib.created_time(table.path) if table else None)
       if self.version is not None and self.version.key == key:
         return False
       if self._vocabs is None:
         _, _, data_path = rundir.load_run_files(self.workdir)
         self._vocabs = vocab_lib.load_vocabularies(data_path)
+      if self.version is not None and _schema(
+          self.version.scorer.info) != _schema(info):
+        raise ValueError(  # requests are checked against the first schema
+            f"the checkpoint at step {step} takes other request fields "
+            f"({_schema(info)}) than the served one: restart the server")
       start = time.perf_counter()
       scorer = scorer_lib.Scorer(model, run_config.model, info, table,
                                  self.serving_config, step)
@@ -307,6 +313,11 @@ class Service:
 
 _ROUTES = frozenset({("POST", "/v1/score"), ("POST", "/v1/reload"),
                      ("GET", "/healthz"), ("GET", "/metrics")})
+
+
+def _schema(info: Any) -> tuple[Any, ...]:
+  return (info.sparse_features, info.num_dense, info.num_behaviors,
+          info.image_size)
 
 
 def _json(status: int, obj: Any) -> http.Response:

@@ -108,11 +108,17 @@ class EmbeddingTable:
           "allow_other_checkpoint=True to accept stale embeddings")
 
 
+def created_time(table_path: str) -> float:
+  """When a table was written: meta.json's mtime (tables older than
+  `created_unix` lack that field; an --overwrite rewrites the file)."""
+  return os.path.getmtime(os.path.join(table_path, META_FILE))
+
+
 def pick_table(where: str, config_hash: str, encoder_hash: str | None
                ) -> str | None:
   """`where` if it is a table, else its newest table of this model.
 
-  Newest by meta.json's `created`, then name; a table of another model
+  Newest by meta.json's `created_unix`, then name; a table of another model
   (config hash) or checkpoint (encoder hash; None accepts any) is skipped.
   """
   if os.path.exists(os.path.join(where, META_FILE)):
@@ -128,7 +134,7 @@ def pick_table(where: str, config_hash: str, encoder_hash: str | None
     if meta.get("config_hash") != config_hash or (
         encoder_hash is not None and meta.get("encoder_hash") != encoder_hash):
       continue
-    rank = (meta.get("created", ""), name)
+    rank = (meta.get("created_unix") or created_time(path), name)
     if best is None or rank > best[0]:
       best = (rank, path)
   return best[1] if best else None
