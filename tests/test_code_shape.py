@@ -19,7 +19,6 @@ WAIVER = "Long because"
 # came in; they are split once those land. Each must still be over the limit
 # (the set only shrinks: a fixed one fails until it is taken out).
 PENDING_SPLIT = frozenset({
-    "csctr/data/byod.py make_source", "csctr/data/prepare.py prepare",
     "csctr/serving/export.py write_table",
     "csctr/training/loop.py train_and_evaluate"})
 
