@@ -79,7 +79,7 @@ def dataset_key(config: Config) -> dict[str, Any]:
   return {"dataset": dataset.name, "image_size": config.data.image_size,
           "group_size": config.data.group_size,
           "num_behaviors": config.data.num_behaviors,
-          "image_storage": config.data.get("image_storage", "raw"),
+          "image_storage": config.data.image_storage,
           "vocab": {"min_count": config.data.min_count,
                     "hash_buckets": config.data.hash_buckets},
           **dataset.key_inputs(config)}
