@@ -81,7 +81,7 @@ def dataset_key(config: Config) -> dict[str, Any]:
   key = {"dataset": dataset.name, "image_size": d.image_size,
          "group_size": "auto" if auto else d.group_size,
          "num_behaviors": d.num_behaviors,
-         "image_storage": d.get("image_storage", "raw"),
+         "image_storage": d.image_storage,
          "vocab": {"min_count": d.min_count, "hash_buckets": d.hash_buckets},
          **dataset.key_inputs(config)}
   # Only when set, so the keys (and caches) of older configs do not change.
