@@ -51,11 +51,12 @@ def best_checkpoint_dir(workdir: str) -> str:
 
 def eval_record(step: int, split: str,
                 values: dict[str, Any]) -> dict[str, Any]:
-  """One line of METRICS_FILE: step, split and metrics.EVAL_FIELDS.
+  """One line of METRICS_FILE: step, split, metrics.EVAL_FIELDS (+ optional).
 
   NaN (an undefined AUC) is written as null: strict JSON has no NaN.
   """
-  unknown = set(values) - set(metrics.EVAL_FIELDS)
+  unknown = (set(values) - set(metrics.EVAL_FIELDS)
+             - set(metrics.OPTIONAL_EVAL_FIELDS))
   if unknown:
     raise ValueError(f"eval values {sorted(unknown)} are not in "
                      f"metrics.EVAL_FIELDS {metrics.EVAL_FIELDS}")
