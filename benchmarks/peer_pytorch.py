@@ -32,21 +32,19 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 try:
   from benchmarks import peer_model  # pylint: disable=g-import-not-at-top
 except ImportError as e:  # torch is the optional [peer] extra
   raise SystemExit(f"{e}: pip install -e '.[peer]' (PyTorch, CPU build)")
-from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
+from benchmarks import step_timing
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Experiment config file (the model shape "
@@ -91,50 +89,61 @@ def timed_turn(runner: Runner, min_run_s: float, estimate: float) -> float:
   return runner(n) / n
 
 
+def measure_group_size(k: int, counts: dict[str, int]) -> list[dict[str, Any]]:
+  """Interleaved timing turns of every variant at group size K.
+
+  The variants take turns (rotating who goes first) so that a load change
+  on the shared machine hits all of them alike; counts gets each variant's
+  parameter count, which must agree (the twin is the same model).
+  """
+  config = peer_config(_CONFIG.value, k, _IMPRESSIONS.value)
+  info = step_timing.data_info(config)
+  runners, compile_s = {}, {}
+  for v in _VARIANTS.value:
+    start = time.perf_counter()
+    if v == "csctr":
+      runner, n_params = step_timing.step_runner(config, info)
+    else:
+      runner, n_params = peer_model.step_runner(
+          config, info, compiled=(v == "torch_compile"))
+    counts[v] = n_params
+    for _ in range(max(_WARMUP.value, 1)):
+      runner(1)
+    compile_s[v] = time.perf_counter() - start
+    runners[v] = runner
+  if len(set(counts.values())) != 1:
+    raise AssertionError(f"parameter counts differ: {counts}")
+  estimate = {v: runners[v](1) for v in runners}
+  turns = {v: [] for v in runners}
+  order = list(runners)
+  for r in range(_RUNS.value):
+    for v in order[r % len(order):] + order[:r % len(order)]:
+      turns[v].append(timed_turn(runners[v], _MIN_RUN_S.value, estimate[v]))
+  points = []
+  for v in runners:
+    step_s = statistics.median(turns[v])
+    points.append({"K": k, "variant": v, "step_s": step_s,
+                   "step_s_runs": turns[v],
+                   "impressions_per_s": _IMPRESSIONS.value / step_s,
+                   "setup_s": compile_s[v]})
+    print(f"  K={k} {v}: {step_s * 1e3:.1f} ms/step", flush=True)
+  return points
+
+
 def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   load_before = step_timing.load_average()
+  ks = [int(x) for x in _GROUP_SIZES.value]
   points, counts = [], {}
-  for k in (int(x) for x in _GROUP_SIZES.value):
-    config = peer_config(_CONFIG.value, k, _IMPRESSIONS.value)
-    info = step_timing.data_info(config)
-    runners, compile_s = {}, {}
-    for v in _VARIANTS.value:
-      start = time.perf_counter()
-      if v == "csctr":
-        runner, n_params = step_timing.step_runner(config, info)
-      else:
-        runner, n_params = peer_model.step_runner(
-            config, info, compiled=(v == "torch_compile"))
-      counts[v] = n_params
-      for _ in range(max(_WARMUP.value, 1)):
-        runner(1)
-      compile_s[v] = time.perf_counter() - start
-      runners[v] = runner
-    if len(set(counts.values())) != 1:
-      raise AssertionError(f"parameter counts differ: {counts}")
-    estimate = {v: runners[v](1) for v in runners}
-    turns = {v: [] for v in runners}
-    order = list(runners)
-    for r in range(_RUNS.value):
-      for v in order[r % len(order):] + order[:r % len(order)]:
-        turns[v].append(timed_turn(runners[v], _MIN_RUN_S.value, estimate[v]))
-    for v in runners:
-      step_s = statistics.median(turns[v])
-      points.append({"K": k, "variant": v, "step_s": step_s,
-                     "step_s_runs": turns[v],
-                     "impressions_per_s": _IMPRESSIONS.value / step_s,
-                     "setup_s": compile_s[v]})
-      print(f"  K={k} {v}: {step_s * 1e3:.1f} ms/step", flush=True)
-    del runners
+  for k in ks:
+    points += measure_group_size(k, counts)
 
   def rate(k, v):
     return next((p["impressions_per_s"] for p in points
                  if p["K"] == k and p["variant"] == v), None)
 
-  ks = [int(x) for x in _GROUP_SIZES.value]
   ratios = {f"csctr_vs_{v}": {k: rate(k, "csctr") / rate(k, v) for k in ks}
             for v in _VARIANTS.value if v != "csctr" and rate(ks[0], "csctr")}
   result = {"points": points, "ratios": ratios, "param_counts": counts,
@@ -147,18 +156,24 @@ def main(argv):
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       f.write(json.dumps(result) + "\n")
-  print("\nparameter counts: " + ", ".join(f"{v} {n:,}" for v, n in
-                                             counts.items()))
+  print_table(result, rate)
+
+
+def print_table(result: dict[str, Any], rate) -> None:
+  """The human-readable table under the JSON line."""
+  print("\nparameter counts: " + ", ".join(
+      f"{v} {n:,}" for v, n in result["param_counts"].items()))
   print(f"\n{'K':>3} {'variant':<15}{'ms/step':>9}{'impr/s':>9}"
         f"{'csctr x':>9}{'setup s':>9}")
-  for p in points:
+  for p in result["points"]:
     x = rate(p["K"], "csctr") / p["impressions_per_s"] if rate(
         p["K"], "csctr") else float("nan")
     print(f"{p['K']:>3} {p['variant']:<15}{p['step_s'] * 1e3:>9.1f}"
           f"{p['impressions_per_s']:>9.0f}{x:>9.2f}{p['setup_s']:>9.1f}")
+  load_before, load_after = result["load_average"]
   print(f"csctr x = csctr impressions/s / this row's; medians of "
-        f"{_RUNS.value} interleaved turns; load average "
-        f"{load_before:.1f} -> {result['load_average'][1]:.1f} on "
+        f"{result['runs']} interleaved turns; load average "
+        f"{load_before:.1f} -> {load_after:.1f} on "
         f"{len(os.sched_getaffinity(0))} cores (shared machine)")
 
 

@@ -15,9 +15,13 @@ temporaries), per device.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -237,3 +241,76 @@ def load_average() -> float:
     return os.getloadavg()[0]
   except OSError:
     return float("nan")
+
+
+def rows_sweep(base: ml_collections.ConfigDict, rows: list[int],
+               model_devices: int, **timing: Any) -> list[dict[str, Any]]:
+  """Step time and memory per device vs item_id table rows.
+
+  The ID part of `base`'s model (use_image=False: the CNN's cost does not
+  depend on the tables). model_devices == 1: one device, the table whole;
+  > 1: a 1 x model_devices mesh with the table row-sharded over 'model'.
+  Used by benchmarks/scaling.py and benchmarks/embedding_scaling.py.
+  """
+  config = copy.deepcopy(base)
+  config.model.use_image = False
+  config.mesh.shape = (1, model_devices)
+  config.mesh.shard_embeddings = model_devices > 1
+  info = data_info(config)
+  column = info.feature_index("item_id")
+  mesh = mesh_lib.make_mesh(config)
+  out = []
+  for n in rows:
+    vocab = list(info.vocab_sizes)
+    vocab[column] = n
+    sized = batch_lib.DataInfo(
+        info.sparse_features, tuple(vocab), info.num_dense,
+        info.num_categories, info.image_size, info.num_behaviors)
+    start = time.perf_counter()
+    steps = steps_lib.build_steps(config, sized, mesh)
+    state = init_state(steps)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    spec = next(s.spec for path, s in jax.tree_util.tree_flatten_with_path(
+        steps.shardings["params"])[0] if "item_id" in jax.tree_util.keystr(path))
+    r = time_train_step(config, sized, mesh, steps=steps, state=state,
+                        **timing)
+    del state  # donated: the next point's table is the only one alive
+    out.append({"rows": n, "devices": model_devices,
+                "table_spec": str(spec),
+                "table_bytes": n * config.model.embed_dim * 4,
+                "init_s": init_s, **r})
+    print(f"  rows={n:.0e} devices={model_devices}: "
+          f"{r['step_s'] * 1e3:.1f} ms/step, "
+          f"{r.get('peak_bytes', 0) / 2**20:.1f} MiB/device", flush=True)
+  return out
+
+
+def run_worker(script: str, args: list[str], devices: int,
+               timeout: float = 600) -> Any:
+  """`script --worker ARGS` in a fresh process (on N fake CPU devices if N > 1).
+
+  Fake devices (XLA_FLAGS=--xla_force_host_platform_device_count) exist only
+  in a process that sets the flag before JAX starts. The worker prints its
+  result as one 'RESULT <json>' line; its other output is passed through.
+  """
+  env = dict(os.environ)
+  if devices > 1:  # fake devices are CPU devices
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
+                        f"platform_device_count={devices}")
+  # As `python -m benchmarks.NAME` from the repository root, so that the
+  # worker imports like its parent whether or not the package is installed.
+  script = os.path.abspath(script)
+  module = "benchmarks." + os.path.splitext(os.path.basename(script))[0]
+  proc = subprocess.run([sys.executable, "-m", module, "--worker", *args],
+                        env=env, cwd=os.path.dirname(os.path.dirname(script)),
+                        capture_output=True, text=True, timeout=timeout)
+  sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
+                           if not line.startswith("RESULT ")))
+  if proc.returncode:
+    raise RuntimeError(f"{os.path.basename(script)} worker on {devices} "
+                       f"device(s) failed (exit {proc.returncode}; -9: "
+                       f"killed, e.g. out of memory):\n{proc.stderr[-3000:]}")
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])

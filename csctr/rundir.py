@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -23,7 +24,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from csctr import metrics
 from csctr.data import batch as batch_lib
+from csctr.data import vocab as vocab_lib
 from csctr.model import ctr
 
 METRICS_FILE = "eval_metrics.jsonl"
@@ -33,10 +36,44 @@ METRICS_FILE = "eval_metrics.jsonl"
 CONFIG_FILE = "config.json"
 DATA_INFO_FILE = "data_info.json"
 CHECKPOINTS_DIR = "checkpoints"
+# The model of the best validation eval (training/checkpointing.py's
+# BestCheckpointer); only runs with a validation split have one.
+BEST_CHECKPOINT_DIR = "best_checkpoint"
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINTS_DIR)
+
+
+def best_checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, BEST_CHECKPOINT_DIR)
+
+
+def eval_record(step: int, split: str,
+                values: dict[str, Any]) -> dict[str, Any]:
+  """One line of METRICS_FILE: step, split and metrics.EVAL_FIELDS.
+
+  NaN (an undefined AUC) is written as null: strict JSON has no NaN.
+  """
+  unknown = set(values) - set(metrics.EVAL_FIELDS)
+  if unknown:
+    raise ValueError(f"eval values {sorted(unknown)} are not in "
+                     f"metrics.EVAL_FIELDS {metrics.EVAL_FIELDS}")
+  return {"step": step, "split": split, **metrics.json_safe(values)}
+
+
+def latest_committed_step(workdir: str) -> int | None:
+  """The newest committed checkpoint step, from directory names alone.
+
+  Orbax writes a step into a tmp directory and renames it to the bare step
+  number when complete (and, on object stores, adds commit_success.txt), so
+  a digit-named directory is committed; asked every few seconds, this must
+  not open a CheckpointManager.
+  """
+  root = checkpoint_dir(workdir)
+  steps = [int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
+           if n.isdigit()]
+  return max(steps, default=None)
 
 
 def read_eval_log(workdir: str) -> list[dict[str, Any]]:
@@ -83,6 +120,20 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
                      json.loads(config.to_json_best_effort()))
   _write_json_atomic(os.path.join(workdir, DATA_INFO_FILE),
                      {**info.to_json(), "data_path": data_path})
+  # The vocabularies travel with the run: serving maps raw ids with them
+  # even after the dataset cache is cleared or on another machine.
+  source = os.path.join(data_path, vocab_lib.VOCAB_DIR)
+  if os.path.isdir(source):
+    target = os.path.join(workdir, vocab_lib.VOCAB_DIR)
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+      shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
+def load_vocabularies(workdir: str) -> dict[str, vocab_lib.Vocabulary]:
+  """The raw-id vocabularies of the run's dataset ({} when it has none:
+  simulated datasets, whose ids are rows)."""
+  return vocab_lib.load_vocabularies(workdir)
 
 
 def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
@@ -99,13 +150,14 @@ def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
   return config, batch_lib.DataInfo.from_json(d), d["data_path"]
 
 
-def restore_model(workdir: str, step: int | None = None
+def restore_model(workdir: str, step: int | None = None, best: bool = False
                   ) -> tuple[ctr.CTRModel, ml_collections.ConfigDict,
                              batch_lib.DataInfo, int]:
   """(model, config, info, step) of a checkpoint (default: the latest).
 
   For inference on this process's first device: only params and the other
-  model variables are read, not the optimizer state.
+  model variables are read, not the optimizer state. best=True reads the
+  best-validation checkpoint (the one a finished run's test eval scored).
   """
   config, info, _ = load_run_files(workdir)
   abstract_model = nnx.eval_shape(
@@ -116,7 +168,8 @@ def restore_model(workdir: str, step: int | None = None
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       {"params": params, "rest": rest})
   restored, step = restore_items(
-      checkpoint_dir(workdir), abstract, step)
+      best_checkpoint_dir(workdir) if best else checkpoint_dir(workdir),
+      abstract, step)
   model = nnx.merge(graphdef, restored["params"], restored["rest"])
   return model, config, info, step
 

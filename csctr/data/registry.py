@@ -76,10 +76,21 @@ def get(name: str) -> Dataset:
 def dataset_key(config: Config) -> dict[str, Any]:
   """The config that determines config.dataset's prepared dataset."""
   dataset = get(config.dataset)
-  return {"dataset": dataset.name, "image_size": config.data.image_size,
-          "group_size": config.data.group_size,
-          "num_behaviors": config.data.num_behaviors,
-          **dataset.key_inputs(config)}
+  d = config.data
+  auto = d.batching == "auto"
+  key = {"dataset": dataset.name, "image_size": d.image_size,
+         "group_size": "auto" if auto else d.group_size,
+         "num_behaviors": d.num_behaviors,
+         "image_storage": d.image_storage,
+         "vocab": {"min_count": d.min_count, "hash_buckets": d.hash_buckets},
+         **dataset.key_inputs(config)}
+  # Only when set, so the keys (and caches) of older configs do not change.
+  if auto:
+    key["target_packing"] = d.target_packing
+    key["max_group_size"] = d.max_group_size
+  if d.validation_fraction:
+    key["validation_fraction"] = d.validation_fraction
+  return key
 
 
 def make_source(config: Config) -> source_lib.Source:
@@ -92,24 +103,16 @@ def _section(name: str) -> Callable[[Config], dict[str, Any]]:
   return lambda config: {name: config[name].to_dict()}
 
 
-def _file_stamp(path: str) -> list[Any]:
-  try:
-    st = os.stat(path)
-    return [st.st_size, int(st.st_mtime)]
-  except OSError:
-    return []
-
-
 def _byod_key(config: Config) -> dict[str, Any]:
-  """The directory, its config section and the CSVs' size and mtime."""
+  """The directory, its config section, and the size and mtime of
+  items.csv, the impression files and every image (byod.file_stamps)."""
   from csctr.data import byod  # pylint: disable=g-import-not-at-top
   if not config.byod_path:
     raise ValueError(f"dataset={config.dataset!r} needs config.byod_path")
   root = os.path.abspath(os.path.expanduser(config.byod_path))
-  # Edits to the CSVs make a new dataset rather than a stale cache hit.
+  # Edits to the logs or images make a new dataset, not a stale cache hit.
   return {"byod_path": root, "byod": config.byod.to_dict(),
-          "files": {f: _file_stamp(os.path.join(root, f))
-                    for f in (byod.ITEMS_FILE, byod.IMPRESSIONS_FILE)}}
+          "files": byod.file_stamps(config)}
 
 
 register(Dataset("synthetic", "synthetic", _section("synthetic"),

@@ -34,6 +34,7 @@ import numpy as np
 
 from csctr.model import attention as attention_lib
 from csctr.model import backbones
+from csctr.model import embeddings
 from csctr.data import batch as batch_lib
 from csctr.model import heads
 
@@ -67,10 +68,14 @@ class ImageEncoder(nnx.Module):
     self.backbone = backbones.build_backbone(
         config.backbone, info.image_size, config.visual_dim, spec,
         small_channels=tuple(config.small_channels), fc_dim=config.fc_dim,
-        resnet_width=config.resnet_width, dtype=dtype, rngs=rngs)
+        resnet_width=config.resnet_width,
+        # .get: configs of runs from before fc_dropout existed.
+        fc_dropout=config.get("fc_dropout", 0.5), dtype=dtype, rngs=rngs)
 
-  def __call__(self, images: jax.Array, categories: jax.Array) -> jax.Array:
-    return self.backbone(normalize_images(images, self.dtype), categories)
+  def __call__(self, images: jax.Array, categories: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    return self.backbone(normalize_images(images, self.dtype), categories,
+                         dropout_rng=dropout_rng)
 
 
 class AttentionUnit(nnx.Module):
@@ -138,8 +143,12 @@ class CTRModel(nnx.Module):
     self.num_dense = info.num_dense
     # Tables stay float32 and are looked up in float32; only the gathered rows
     # are cast (nnx.Embed(dtype=bf16) would cast the whole table every step).
+    # Rows padded to config.table_row_multiple so that sharded tables split
+    # evenly (csctr/model/embeddings.py); padding rows are never looked up.
     self.id_embed = nnx.Dict({
-        name: nnx.Embed(vocab, config.embed_dim, rngs=rngs)
+        name: nnx.Embed(
+            embeddings.padded_rows(vocab, config.table_row_multiple),
+            config.embed_dim, rngs=rngs)
         for name, vocab in zip(info.sparse_features, info.vocab_sizes)})
     in_dim = len(info.sparse_features) * config.embed_dim + info.num_dense
     encoder = pooling_module = None
@@ -147,6 +156,18 @@ class CTRModel(nnx.Module):
       encoder = ImageEncoder(config, info, dtype=dtype, rngs=rngs)
       in_dim += config.visual_dim
     self.encoder = nnx.data(encoder)
+    # Content back-off for cold start: an item in the OOV row (never seen,
+    # rarer than min_count, or dropped by id_dropout) gets the OOV vector
+    # plus a learned projection of its image embedding, so its item_id slot
+    # says something about this item rather than about all rare items.
+    backoff = None
+    if config.get("item_backoff", False):
+      if not self.use_image:
+        raise ValueError("item_backoff needs use_image=True")
+      self.item_col = info.feature_index("item_id")
+      backoff = nnx.Linear(config.visual_dim, config.embed_dim, dtype=dtype,
+                           rngs=rngs)
+    self.backoff = nnx.data(backoff)
     pooling = config.behavior_pooling
     if pooling != "none":
       if not self.use_image:
@@ -166,29 +187,43 @@ class CTRModel(nnx.Module):
         cross_low_rank=config.cross_low_rank, mlp_dims=tuple(config.mlp_dims),
         dtype=dtype, rngs=rngs)
 
-  def encode_images(self, images: jax.Array,
-                    categories: jax.Array) -> jax.Array | None:
+  def encode_images(self, images: jax.Array, categories: jax.Array,
+                    dropout_rng: jax.Array | None = None) -> jax.Array | None:
     """uint8 [U, H, W, 3], int32 [U] -> [U, d] (None when use_image=False)."""
     if self.encoder is None:
       return None
     if not self.use_category:
       categories = jnp.zeros_like(categories)  # every image in the OOV row
-    emb = self.encoder(images, categories)
+    emb = self.encoder(images, categories, dropout_rng)
     # Late fusion: the visual features are fixed inputs to the CTR model.
     return jax.lax.stop_gradient(emb) if self.late_fusion else emb
 
   def score(self, batch: dict[str, jax.Array],
-            image_embeddings: jax.Array | None) -> jax.Array:
-    """Logits float32 [B] from the batch and the unique-image embeddings."""
-    sparse = batch["sparse"]
-    ids = {name: self.id_embed[name](sparse[:, i]).astype(self.dtype)
-           for i, name in enumerate(self.sparse_features)}
+            image_embeddings: jax.Array | None,
+            id_embeddings: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Logits float32 [B] from the batch and the unique-image embeddings.
+
+    `id_embeddings` ({feature: [B, embed_dim]}) replaces the table lookups:
+    the train step gathers the rows itself (csctr/model/embeddings.py) so
+    that it can differentiate them instead of the tables.
+    """
+    if id_embeddings is None:
+      sparse = batch["sparse"]
+      id_embeddings = {name: self.id_embed[name](sparse[:, i])
+                       for i, name in enumerate(self.sparse_features)}
+    ids = {name: id_embeddings[name].astype(self.dtype)
+           for name in self.sparse_features}
+    if self.use_image:
+      emb = image_embeddings.astype(self.dtype)
+      ad = emb[batch["ad_image"]]
+      if self.backoff is not None:
+        oov = batch["sparse"][:, self.item_col] == 0
+        ids["item_id"] = ids["item_id"] + jnp.where(
+            oov[:, None], self.backoff(ad), 0).astype(self.dtype)
     parts = list(ids.values())
     if self.num_dense:
       parts.append(batch["dense"].astype(self.dtype))
     if self.use_image:
-      emb = image_embeddings.astype(self.dtype)
-      ad = emb[batch["ad_image"]]
       parts.append(ad)
       if self.pooling is not None:
         rows = batch["behavior_images"]
@@ -198,12 +233,19 @@ class CTRModel(nnx.Module):
         parts.append(self.pooling(ad, emb[rows], mask, ids.get("item_id")))
     return self.head(jnp.concatenate(parts, axis=-1))
 
-  def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
-    """Logits float32 [B]; the CNN runs once per row of batch['images']."""
+  def __call__(self, batch: dict[str, jax.Array],
+               id_embeddings: dict[str, jax.Array] | None = None,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B]; the CNN runs once per row of batch['images'].
+
+    dropout_rng: given in training only (CNN-F's fc dropout); without it
+    the model is deterministic, as eval, export and serving need.
+    """
     emb = None
     if self.use_image:
-      emb = self.encode_images(batch["images"], batch["image_category"])
-    return self.score(batch, emb)
+      emb = self.encode_images(batch["images"], batch["image_category"],
+                               dropout_rng)
+    return self.score(batch, emb, id_embeddings)
 
 
 def build_model(model_config: ml_collections.ConfigDict,
