@@ -99,3 +99,13 @@ def test_readme_names_every_module():
              if p.name != "__init__.py" and f"`{p.name}`" not in table
              and f"`{p.relative_to(ROOT)}`" not in table]
   assert not missing, f"README 'Where things live' misses {missing}"
+
+
+def test_no_sys_path_edits():
+  """Benchmarks and tests import csctr, configs and benchmarks as packages
+  (setup.py installs all three), never by editing sys.path."""
+  offenders = [str(p.relative_to(ROOT)) for package in (*PACKAGES, "tests")
+               for p in sorted((ROOT / package).rglob("*.py"))
+               if "sys.path.insert" in p.read_text()
+               and p.name != "test_code_shape.py"]
+  assert not offenders, offenders

@@ -25,7 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def ds(tmp_path_factory):
   config = tiny_config(tmp_path_factory.mktemp("data"), num_behaviors=3)
   config.data.groups_per_batch, config.data.unique_images = 4, 8
-  config.data.eval_groups_per_batch, config.data.eval_unique_images = 8, 16
+  # Eval batches hold every behaviour image: a group of K=5 impressions with
+  # L=3 references up to 16 images, per process.
+  config.data.eval_groups_per_batch, config.data.eval_unique_images = 8, 32
   path = pipeline.prepare_dataset(config)
   source = synthetic.make_source(config)
   truth = {}
@@ -100,7 +102,7 @@ def test_eval_has_every_impression_once(ds):
   table = np.load(os.path.join(path, prepared.IMAGES_FILE))
   batches = list(pipeline.eval_batches(config, path))
   for b in batches:
-    _check_batch(b, info, 8, 16, truth["test"], table)
+    _check_batch(b, info, 8, 32, truth["test"], table)
   ids = np.concatenate([b["impression_id"][b["weight"] > 0] for b in batches])
   np.testing.assert_array_equal(np.sort(ids), truth["test"]["impression_id"])
   assert batches[-1]["weight"].min() == 0  # padded last batch
@@ -140,7 +142,7 @@ def test_process_shards_are_disjoint_and_cover(ds):
     seen.append(np.concatenate(_groups_of(batches)[:mine]))
     ev = list(pipeline.eval_batches(config, path, "test", p, 2))
     eval_counts.append(len(ev))
-    assert ev[0]["images"].shape[0] == 8
+    assert ev[0]["images"].shape[0] == 16
     eval_seen.append(np.concatenate([b["impression_id"][b["weight"] > 0]
                                      for b in ev]))
   for split, parts in (("train", seen), ("test", eval_seen)):

@@ -31,6 +31,7 @@ benchmark prints). Size unique_images so that fraction stays small.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterator, Sequence
 
@@ -42,6 +43,7 @@ import ml_collections
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
+from csctr.data import autobatch
 from csctr.data import batch as batch_lib
 from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
@@ -68,8 +70,11 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> str:
     return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
   return prepare_lib.prepare(
-      registry.make_source(config), path, group_size=config.data.group_size,
-      key=key, image_storage=key["image_storage"])
+      registry.make_source(config), path, group_size=key["group_size"],
+      key=key, image_storage=key["image_storage"],
+      validation_fraction=config.data.validation_fraction,
+      target_packing=key.get("target_packing", autobatch.TARGET_PACKING),
+      max_group_size=key.get("max_group_size", autobatch.MAX_GROUP_SIZE))
 
 
 # ---------------------------------------------------------------- reading
@@ -214,6 +219,9 @@ class Collator:
     mask[valid] = ref_rows >= 0
     out["behavior_images"][slot] = local
     out["behavior_mask"][slot] = mask
+    lost = np.zeros(beh.shape, np.int32)
+    lost[valid] = ref_rows < 0
+    out["behavior_dropped"][slot] = lost.sum(axis=1)  # counted by the step
     self.stats["behavior_refs"] += int(refs.size)
     dropped = int((ref_rows < 0).sum())
     self.stats["dropped_behavior_refs"] += dropped
@@ -301,11 +309,21 @@ def eval_batches(config: ml_collections.ConfigDict, path: str,
   g = _per_process(d.eval_groups_per_batch, process_count,
                    "eval_groups_per_batch")
   u = _per_process(d.eval_unique_images, process_count, "eval_unique_images")
-  collate = Collator(path, load_info(path), g, d.group_size, u)
-  ds = _groups(path, split, process_index, process_count)
-  total = len(groups_source(path, split))
-  num_batches = -(-(-(-total // process_count)) // g)
-  ds = ds.batch(g, drop_remainder=False, batch_fn=collate)
+  info = load_info(path)
+  collate = Collator(path, info, g, d.group_size, u)
+  if info.num_behaviors:
+    # Batches cut so every behaviour image fits: nothing is dropped, and
+    # the metrics do not depend on which groups share a batch.
+    plans = _eval_plans(path, split, g, u, process_count)
+    num_batches = max(len(p) for p in plans)
+    source = groups_source(path, split)
+    ds = grain.MapDataset.source(plans[process_index]).map(
+        lambda idx: collate([source[i] for i in idx]))
+  else:
+    ds = _groups(path, split, process_index, process_count)
+    total = len(groups_source(path, split))
+    num_batches = -(-(-(-total // process_count)) // g)
+    ds = ds.batch(g, drop_remainder=False, batch_fn=collate)
   produced = 0
   if len(ds):
     for batch in ds.to_iter_dataset(_read_options(config)):
@@ -313,6 +331,50 @@ def eval_batches(config: ml_collections.ConfigDict, path: str,
       yield batch
   for _ in range(num_batches - produced):
     yield collate([])
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_plans(path: str, split: str, groups_per_batch: int,
+                unique_images: int, process_count: int
+                ) -> tuple[tuple[tuple[int, ...], ...], ...]:
+  """eval_plan of every process's shard (each needs all counts), cached:
+  a prepared split never changes, and the plan costs a read of the split."""
+  source = groups_source(path, split)
+  return tuple(
+      tuple(tuple(b) for b in eval_plan(
+          source, range(p, len(source), process_count), groups_per_batch,
+          unique_images))
+      for p in range(process_count))
+
+
+def eval_plan(source: Sequence[dict[str, Any]], indices: Sequence[int],
+              groups_per_batch: int, unique_images: int) -> list[list[int]]:
+  """Consecutive groups per eval batch such that no behaviour is dropped.
+
+  A batch closes when it holds groups_per_batch groups or when the next
+  group's images (its ad image and its behaviour images) would not fit in
+  unique_images distinct rows. So every reference of the split finds its
+  image and eval metrics do not depend on how groups fall into batches.
+  """
+  batches, current, images = [], [], set()
+  for i in indices:
+    group = source[i]
+    beh = np.asarray(group["behavior"]).reshape(-1)
+    need = {int(group["item"])} | set(beh[beh >= 0].tolist())
+    if len(need) > unique_images:
+      raise ValueError(
+          f"eval group {i} references {len(need)} distinct images (its ad "
+          f"and behaviour images) > eval_unique_images={unique_images}: "
+          "raise config.data.eval_unique_images")
+    if current and (len(current) == groups_per_batch
+                    or len(images | need) > unique_images):
+      batches.append(current)
+      current, images = [], set()
+    current.append(i)
+    images |= need
+  if current:
+    batches.append(current)
+  return batches
 
 
 def behavior_overflow(config: ml_collections.ConfigDict, path: str,
