@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from csctr import storage
 from csctr.data import batch as batch_lib
 
 # Bump when the on-disk layout changes: it is part of the cache key.
@@ -69,9 +70,8 @@ def info_to_json(info: batch_lib.DataInfo) -> dict[str, Any]:
 
 
 def load_info(path: str) -> batch_lib.DataInfo:
-  """Reads the DataInfo of a prepared dataset."""
-  with open(os.path.join(path, INFO_FILE)) as f:
-    d = json.load(f)
+  """Reads the DataInfo of a prepared dataset (a local path or a URL)."""
+  d = storage.read_json(storage.join(path, INFO_FILE))
   return batch_lib.DataInfo(
       sparse_features=tuple(d["sparse_features"]),
       vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
@@ -90,12 +90,30 @@ def cache_path(root: str, key: dict[str, Any]) -> str:
                     default=json_default)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
   name = f"{key['dataset']}-{key['image_size']}px-k{key['group_size']}-{digest}"
-  return os.path.join(root, name)
+  return storage.join(root, name)
 
 
 def is_prepared(path: str) -> bool:
-  """A directory is complete iff info.json exists (it is renamed in last)."""
-  return os.path.isfile(os.path.join(path, INFO_FILE))
+  """A dataset is complete iff info.json exists: it is renamed in (local
+  disk) or uploaded (object store) last, so it is the commit marker."""
+  return storage.is_committed(path, INFO_FILE)
+
+
+def mirror_path(path: str) -> str:
+  """The local directory where a dataset at URL `path` is read (path itself
+  when local): the copy that prepare writes before uploading, or that
+  local_copy downloads."""
+  return storage.mirror_path(path)
+
+
+def local_copy(path: str) -> str:
+  """A local directory holding the committed dataset `path`.
+
+  ArrayRecord's reader and the memmapped image table need local files, so a
+  dataset in an object store is read from a mirror on each machine,
+  downloaded once (storage.local_mirror).
+  """
+  return storage.local_mirror(path, INFO_FILE)
 
 
 def shard_path(path: str, split: str) -> str:
