@@ -136,3 +136,29 @@ def test_one_variable_configures_every_client(emulator):
       env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[:2] == ["OK", "3"]
+
+
+def test_a_byod_directory_in_a_bucket_reads_as_on_disk(storage, tmp_path,
+                                                        monkeypatch):
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from test_byod import collect, make_config, make_dataset  # pylint: disable=g-import-not-at-top
+  local = make_dataset(tmp_path / "byod")
+  url = f"gs://{BUCKET}/byod"
+  storage.upload_dir(str(local), url, "items.csv")
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+  sources = []
+  for path in (str(local), url):
+    config = make_config(path)
+    config.data.group_size = 4
+    sources.append(pipeline._make_source(config))  # pylint: disable=protected-access
+  on_disk, in_bucket = sources
+  assert in_bucket.num_items == on_disk.num_items == 6
+  for split in ("train", "test"):
+    a, b = collect(on_disk, split), collect(in_bucket, split)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  np.testing.assert_array_equal(
+      np.concatenate([x for _, x in in_bucket.item_images()]),
+      np.concatenate([x for _, x in on_disk.item_images()]))
+  assert (tmp_path / "cache").is_dir()  # read from a local copy

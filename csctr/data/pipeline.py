@@ -114,8 +114,27 @@ def _make_source(config: ml_collections.ConfigDict):
     if not config.byod_path:
       raise ValueError(f"dataset={name!r} needs config.byod_path")
     from csctr.data import byod  # pylint: disable=g-import-not-at-top
+    if storage.is_remote(config.byod_path):
+      config = _with_local_byod(config)
     return byod.make_source(config)
   raise ValueError(f"unknown dataset {name!r}")
+
+
+def _with_local_byod(config: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
+  """config with byod_path a local copy of the URL it names.
+
+  The reader opens CSVs and image files by path. The copy is keyed by the
+  CSVs' sizes and times (as the dataset is), so an edited bucket gets a
+  fresh copy, not a stale one.
+  """
+  digest = prepared.cache_path("", dataset_key(config)).rsplit("-", 1)[-1]
+  local = storage.local_mirror(
+      config.byod_path, "items.csv",
+      root=os.path.join(storage.cache_root(), f"byod-{digest}"))
+  config = config.copy_and_resolve_references()
+  config.byod_path = local
+  return config
 
 
 def prepare_dataset(config: ml_collections.ConfigDict,

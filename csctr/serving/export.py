@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging as py_logging
 import os
@@ -63,6 +64,7 @@ from csctr.data import batch as batch_lib
 from csctr.model import ctr
 from csctr.data import prepared
 from csctr import rundir
+from csctr import storage
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -116,14 +118,19 @@ class ImageSource:
 
 
 def load_images(spec: str) -> ImageSource:
-  """A prepared dataset directory, or an .npz with images/categories[/ids]."""
+  """A prepared dataset directory, or an .npz with images/categories[/ids].
+
+  Either may be a URL (a dataset is read from its local mirror).
+  """
+  if storage.is_remote(spec) and prepared.is_prepared(spec):
+    spec = prepared.local_copy(spec)
   if os.path.isdir(spec):
     images = np.load(os.path.join(spec, prepared.IMAGES_FILE),
                      mmap_mode="r")
     categories = np.load(os.path.join(spec, prepared.CATEGORY_FILE))
     ids = np.arange(len(images), dtype=np.int64)
   elif spec.endswith(".npz"):
-    with np.load(spec) as z:
+    with np.load(io.BytesIO(storage.read_bytes(spec))) as z:
       missing = {"images", "categories"} - set(z.files)
       if missing:
         raise ValueError(f"{spec} lacks arrays {sorted(missing)}")
@@ -200,6 +207,10 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
   if model.encoder is None:
     raise ValueError("the model has no image encoder (use_image=False): "
                      "there are no visual embeddings to export")
+  if storage.is_remote(out_dir):
+    return _write_remote(out_dir, model, source, num_categories=num_categories,
+                         meta=meta, batch_size=batch_size, progress=progress,
+                         overwrite=overwrite)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists (pass overwrite=True / "
                           "--overwrite to replace it)")
@@ -290,6 +301,24 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
   return meta
 
 
+def _write_remote(out_dir: str, model: ctr.CTRModel, source: ImageSource,
+                  overwrite: bool, **kwargs) -> dict[str, Any]:
+  """write_table to a URL: written locally, then uploaded, meta.json last.
+
+  Readers take a table as complete iff meta.json exists. Overwriting
+  deletes the old table first (object stores cannot swap directories), so
+  a reader may find none for a moment, never a mix.
+  """
+  if storage.exists(storage.join(out_dir, META_FILE)) and not overwrite:
+    raise FileExistsError(f"{out_dir} exists (pass overwrite=True / "
+                          "--overwrite to replace it)")
+  local = storage.mirror_path(out_dir)  # EmbeddingTable reads it from there
+  meta = write_table(local, model, source, overwrite=True, **kwargs)
+  storage.remove(out_dir)
+  storage.upload_dir(local, out_dir, META_FILE)
+  return meta
+
+
 def export(workdir: str, images: str | None = None, output: str | None = None,
            step: int | None = None, batch_size: int = 256,
            progress: bool = True, overwrite: bool = False) -> str:
@@ -305,7 +334,7 @@ def export(workdir: str, images: str | None = None, output: str | None = None,
     progress: print a progress line to stderr.
     overwrite: replace an existing table at `output`.
   """
-  if output and os.path.exists(output) and not overwrite:  # before restoring
+  if output and storage.exists(output) and not overwrite:  # before restoring
     raise FileExistsError(f"{output} exists (--overwrite to replace it)")
   model, config, info, step = rundir.restore_model(workdir, step)
   if images is None:
@@ -316,7 +345,7 @@ def export(workdir: str, images: str | None = None, output: str | None = None,
       images = pipeline.prepare_dataset(config)  # cached by config
   source = load_images(images)
   _check_source(source, info)
-  output = output or os.path.join(workdir, TABLES_DIR, str(step))
+  output = output or storage.join(workdir, TABLES_DIR, str(step))
   meta = {"step": step, "config_hash": config_hash(config.model, info),
           "encoder_hash": encoder_hash(model), "workdir": workdir,
           "d": int(config.model.visual_dim), "model": config.model.to_dict()}
@@ -333,6 +362,8 @@ class EmbeddingTable:
   """A table written by write_table, embeddings memory-mapped (read-only)."""
 
   def __init__(self, path: str):
+    if storage.is_remote(path):  # memmapped: read from a local mirror
+      path = storage.local_mirror(path, META_FILE)
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(f"{meta_path} not found: not an embedding table "
