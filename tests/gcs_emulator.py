@@ -1,6 +1,7 @@
 """A real GCS emulator process on 127.0.0.1, for tests of gs:// paths.
 
-`gcp-storage-emulator` (the `[gcp]` extra) serves the GCS JSON API in memory.
+`gcp-storage-emulator` (installed by `[test]`) serves the GCS JSON API in
+memory.
 `start()` runs it on a free loopback port and waits until it answers; the
 environment it returns (STORAGE_EMULATOR_HOST alone) is all a csctr process
 needs: csctr.storage derives the gcsfs, tensorstore and credential settings
@@ -20,6 +21,34 @@ from typing import Iterator
 
 BUCKET = "csctr-test"
 
+# Real GCS answers an object download with its generation in
+# x-goog-generation, which tensorstore (Orbax's OCDBT checkpoints) reads to
+# validate what it cached; gcp-storage-emulator leaves the header out, and
+# tensorstore then fails with "Malformed StorageGeneration". The emulator
+# runs with that one header added, before its route table is built.
+_MAIN = r"""
+import sys
+from gcp_storage_emulator.handlers import objects
+
+_download = objects.download
+
+
+def download(request, response, storage, *args, **kwargs):
+  try:
+    obj = storage.get_file_obj(request.params["bucket_name"],
+                               request.params["object_id"])
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj.get("metageneration", 1))
+  except Exception:  # the handler itself answers 404
+    pass
+  return _download(request, response, storage, *args, **kwargs)
+
+
+objects.download = download
+from gcp_storage_emulator.__main__ import main  # builds the routes now
+main(sys.argv[1:])
+"""
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -33,7 +62,7 @@ def running(bucket: str = BUCKET, timeout_s: float = 60.0) -> Iterator[str]:
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start",
+      [sys.executable, "-c", _MAIN, "start",
        "--host=127.0.0.1", f"--port={port}", f"--default-bucket={bucket}",
        "--in-memory"],
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
