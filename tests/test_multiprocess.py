@@ -53,7 +53,7 @@ def _env(cache_dir: str, devices: int = 1) -> dict[str, str]:
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             PYTHON=sys.executable, PYTHONPATH=str(ROOT), TIMEOUT="500",
+             PYTHON=sys.executable, PYTHONPATH=str(ROOT), TIMEOUT="900",
              INIT_TIMEOUT="120", DEVICES_PER_PROCESS=str(devices))
   return env
 
@@ -117,9 +117,9 @@ def runs(tmp_path_factory):
   multi = subprocess.run(
       ["bash", str(SCRIPT), "2", f"--workdir={out / 'multi'}", *args,
        *MODEL_ACROSS], cwd=ROOT, env=_env(cache, devices=4),
-      capture_output=True, text=True, timeout=600)
-  killed_log, _ = killed.communicate(timeout=600)
-  _, single_err = single.communicate(timeout=600)
+      capture_output=True, text=True, timeout=1000)
+  killed_log, _ = killed.communicate(timeout=1000)
+  _, single_err = single.communicate(timeout=1000)
   assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
   assert single.returncode == 0, single_err[-4000:]
   assert killed.returncode != 0, killed_log[-4000:]
@@ -129,7 +129,7 @@ def runs(tmp_path_factory):
   resumed = subprocess.run(
       [sys.executable, "-m", "csctr.main", f"--workdir={out / 'elastic'}",
        *args], cwd=ROOT, env=_env(cache), capture_output=True, text=True,
-      timeout=600)
+      timeout=1000)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   return {"dir": out, "multi_log": multi.stdout + multi.stderr,
           "committed_when_killed": committed, "resumed_log": resumed.stderr}

@@ -162,3 +162,30 @@ def test_a_byod_directory_in_a_bucket_reads_as_on_disk(storage, tmp_path,
       np.concatenate([x for _, x in in_bucket.item_images()]),
       np.concatenate([x for _, x in on_disk.item_images()]))
   assert (tmp_path / "cache").is_dir()  # read from a local copy
+
+
+def test_one_process_prepares_into_the_bucket_the_others_wait(
+    storage, tmp_path, monkeypatch):
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from csctr.data import prepared  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data_dir = f"gs://{BUCKET}/prepared"
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "writer"))
+  with futures.ThreadPoolExecutor(1) as pool:
+    waiter = pool.submit(pipeline.prepare_dataset, config, True)
+    path = pipeline.prepare_dataset(config)  # "process 0"
+    assert waiter.result(timeout=300) == path  # returned once committed
+  assert path.startswith(config.data_dir) and prepared.is_prepared(path)
+  info = prepared.load_info(path)  # read from the bucket
+  assert info.extras["splits"]["test"]["impressions"] == 600
+  # Another machine reads it through its own mirror: the same files.
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "reader"))
+  mine, theirs = (pathlib.Path(prepared.local_copy(path)),
+                  pathlib.Path(prepared.mirror_path(path).replace(
+                      str(tmp_path / "reader"), str(tmp_path / "writer"))))
+  assert mine != theirs
+  for rel in ("info.json", "images.npy", "item_category.npy"):
+    assert (mine / rel).read_bytes() == (theirs / rel).read_bytes()
+  assert pipeline.prepare_dataset(config) == path  # cached: nothing redone
