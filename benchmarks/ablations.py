@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from csctr import configlib  # pylint: disable=g-import-not-at-top
 from csctr import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
 METRICS = ("auc", "gauc", "cold_auc", "logloss")
@@ -196,15 +197,6 @@ def grid(mode: Mode, datasets: Sequence[str] = DATASETS,
   return cells
 
 
-def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """config['a']['b'] = value for key 'a.b'."""
-  node = config
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def cell_overrides(cell: Cell, mode: Mode) -> dict[str, Any]:
   """The dotted config overrides of one cell (recorded beside its result)."""
   out = dict(mode.dicm_overrides if cell.dataset == "dicm" else mode.overrides)
@@ -233,7 +225,7 @@ def make_config(cell: Cell, mode: Mode, data_dir: str = ""
   if data_dir:
     config.data_dir = data_dir
   for key, value in cell_overrides(cell, mode).items():
-    set_dotted(config, key, value)
+    configlib.set_path(config, key, value)
   return config
 
 
@@ -614,7 +606,7 @@ def run_grid(cells: Sequence[Cell], mode: Mode, out_dir: str, work_root: str,
     if cell.key in result["runs"]:
       continue
     config = make_config(cell, mode, data_dir)
-    if config.model.get("encoder_init") == "none":
+    if config.model.encoder_init == "none":
       source = Cell(cell.dataset, "none", cell.seed)
       if source.key not in result["runs"]:
         raise RuntimeError(f"{cell.key} needs {source.key} first")

@@ -78,7 +78,7 @@ def main(argv):
   slots = d.groups_per_batch * d.group_size
   train_s, train_imp = _time_train(config, path, _RUNS.value, _BATCHES.value,
                                    _WARMUP.value)
-  threads = d.get("read_threads", 2)
+  threads = d.read_threads
   d.read_threads = 0
   sync_s, _ = _time_train(config, path, _RUNS.value, _BATCHES.value // 2,
                           _WARMUP.value // 2)

@@ -28,19 +28,20 @@ import numpy as np
 
 from csctr.data import batch as batch_lib
 from csctr.data import pipeline
+from csctr.data import registry
 from csctr.training import mesh as mesh_lib
 from csctr.training import steps as steps_lib
 
 
 def data_info(config: ml_collections.ConfigDict) -> batch_lib.DataInfo:
-  """The DataInfo of config's dataset, without preparing it when synthetic.
+  """The DataInfo of config's dataset, without preparing it when cheap.
 
   The synthetic generator knows its vocabularies up front (about 0.5 s), so
   a benchmark need not write the 200k-impression dataset to disk.
   """
-  if config.dataset == "synthetic":
-    from csctr.data import synthetic  # pylint: disable=g-import-not-at-top
-    source = synthetic.make_source(config)
+  dataset = registry.get(config.dataset)
+  if dataset.cheap_source:
+    source = dataset.make_source(config)
     return batch_lib.DataInfo(
         sparse_features=tuple(source.sparse_features),
         vocab_sizes=tuple(source.vocab_sizes), num_dense=source.num_dense,

@@ -21,10 +21,11 @@ is the paper's setting for accelerators.
 import ml_collections
 
 from configs import default
+from csctr import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = default.get_config(arg)
+  config = default.get_config()
   config.dataset = "amazon"
   config.loss = "bpr"
   config.data.image_size = 64
@@ -34,4 +35,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.unique_images = 64
   config.data.eval_groups_per_batch = 128
   config.data.eval_unique_images = 128
-  return config
+  return configlib.apply_arg(config, arg)  # the arg wins

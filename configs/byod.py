@@ -15,10 +15,11 @@ images are stored at 64 px; the paper's CNN-F backbone is one arg away:
 import ml_collections
 
 from configs import default
+from csctr import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = default.get_config(arg)
+  config = default.get_config()
   config.dataset = "byod"
   config.data.image_size = 64
-  return config
+  return configlib.apply_arg(config, arg)  # the arg wins

@@ -3,9 +3,13 @@
 Command:
   python -m csctr.main --config=configs/default.py --workdir=/tmp/csctr_default
 
-Config args (big_vision style) switch ablations without new files, e.g.
+Config args (big_vision style, csctr/configlib.py) switch ablations without
+new files, e.g.
   --config=configs/default.py:attention=cbam
-  --config=configs/default.py:use_image=False
+  --config=configs/default.py:use_image=False,mlp_dims=(256,128)
+  --config=configs/default.py:data.image_size=64
+Model and top-level fields go by their bare name, any other by its dotted
+path; booleans are true/false/1/0, tuples (a,b); a typo is an error.
 
 Measured here (2 shared CPU cores, jax 0.10.2, 2000 steps): 46 s wall
 (~15 s of it compiling), test AUC 0.708, cold-item AUC 0.736, Bayes AUC 0.793.
@@ -15,9 +19,15 @@ Seed-averaged ablations: docs/results.md (benchmarks/ablations.py).
 
 import ml_collections
 
+from csctr import configlib
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the default config; `arg` is 'key=value,key=value' model overrides."""
+  """The default config, then `arg` ('key=value,...', csctr/configlib.py).
+
+  Long because a config is one flat list of fields, read top to bottom; each
+  field's default lives here and nowhere else.
+  """
   config = ml_collections.ConfigDict()
   config.dataset = "synthetic"  # synthetic | fashion_mnist | byod | amazon
   config.byod_path = ""  # directory with items.csv, impressions.csv, images
@@ -128,12 +138,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.fsdp = False
   config.mesh.fsdp_min_size = 1 << 18
 
-  if arg:
-    for item in arg.split(","):
-      key, value = item.split("=", 1)
-      field = config.model if key in config.model else config
-      if key not in field:
-        raise KeyError(f"unknown config arg {key!r}")
-      kind = type(field[key])
-      field[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-  return config
+  return configlib.apply_arg(config, arg)

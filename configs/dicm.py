@@ -16,13 +16,13 @@ not fit are masked and counted (csctr.data.pipeline.behavior_overflow).
 import ml_collections
 
 from configs import default
+from csctr import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = default.get_config(arg)
+  config = default.get_config()
   config.data.num_behaviors = 5
   config.data.unique_images = 128
   config.data.eval_unique_images = 256
-  if "behavior_pooling" not in (arg or ""):  # an explicit arg wins
-    config.model.behavior_pooling = "attentive"
-  return config
+  config.model.behavior_pooling = "attentive"
+  return configlib.apply_arg(config, arg)  # the arg wins

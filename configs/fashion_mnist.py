@@ -30,11 +30,12 @@ the other datasets (resizing would only blur them).
 import ml_collections
 
 from configs import default
+from csctr import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = default.get_config(arg)
+  config = default.get_config()
   config.dataset = "fashion_mnist"
   # 28 px originals, padded (not resized) into 32 x 32.
   config.data.image_size = 32
-  return config
+  return configlib.apply_arg(config, arg)  # the arg wins

@@ -12,10 +12,11 @@ machinery, not the model. Takes the same config args as configs/default.py.
 import ml_collections
 
 from configs import default
+from csctr import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = default.get_config(arg)
+  config = default.get_config()
   config.synthetic.num_impressions = 3_000
   config.synthetic.num_items = 120
   config.synthetic.num_users = 61  # 62 user rows: shardable over 'model'
@@ -39,4 +40,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every = 6
   config.eval_every = 12
   config.checkpoint_every = 6
-  return config
+  return configlib.apply_arg(config, arg)  # the arg wins

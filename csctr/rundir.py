@@ -26,7 +26,6 @@ import orbax.checkpoint as ocp
 
 from csctr import storage
 from csctr.data import batch as batch_lib
-from csctr.data import prepared
 from csctr.model import ctr
 
 METRICS_FILE = "eval_metrics.jsonl"
@@ -85,7 +84,7 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
   storage.write_json(storage.join(workdir, CONFIG_FILE),
                      json.loads(config.to_json_best_effort()))
   storage.write_json(storage.join(workdir, DATA_INFO_FILE),
-                     {**prepared.info_to_json(info), "data_path": data_path})
+                     {**info.to_json(), "data_path": data_path})
 
 
 def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
@@ -97,13 +96,7 @@ def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
                             "train.train_and_evaluate?")
   config = ml_collections.ConfigDict(storage.read_json(path))
   d = storage.read_json(storage.join(workdir, DATA_INFO_FILE))
-  info = batch_lib.DataInfo(
-      sparse_features=tuple(d["sparse_features"]),
-      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
-      num_categories=d["num_categories"], image_size=d["image_size"],
-      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
-      extras=d["extras"])
-  return config, info, d["data_path"]
+  return config, batch_lib.DataInfo.from_json(d), d["data_path"]
 
 
 def restore_model(workdir: str, step: int | None = None

@@ -7,11 +7,11 @@ import json
 import os
 import pathlib
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import amazon as amazon_config
 from csctr.data import byod
 
 _PATH = pathlib.Path(__file__).parents[1] / "data" / "amazon" / "convert.py"
@@ -125,11 +125,9 @@ def test_converted_directory_loads_through_make_source(tmp_path):
   convert_lib.main([f"--reviews={reviews}", f"--meta={meta}",
                     f"--images={images}", f"--out={out}", "--negatives=1",
                     "--seed=0", "--link=copy"])
-  config = ml_collections.ConfigDict()
-  config.dataset = "amazon"
+  config = amazon_config.get_config()
   config.byod_path = str(out)
-  config.data = ml_collections.ConfigDict({"image_size": 8,
-                                           "num_behaviors": 2})
+  config.data.image_size, config.data.num_behaviors = 8, 2
   source = byod.make_source(config)
   assert source.name == "amazon" and source.num_items == 5
   assert source.stats["skipped_images"] == 0

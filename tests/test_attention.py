@@ -22,8 +22,9 @@ def _uniform(seed, shape):
 
 
 def _spec(kind, kernel=7):
-  return attention.AttentionSpec(kind=kind, num_categories=N, prior_dim=CP,
-                                 reduction=R, kernel_size=kernel)
+  return attention.AttentionSpec(kind=kind, num_categories=N,
+                                 channel_prior_dim=CP, reduction=R,
+                                 spatial_kernel=kernel)
 
 
 def _count(module):
@@ -143,8 +144,9 @@ def test_category_dependence(kind, depends):
 def test_gradients_reach_only_used_prior_rows():
   # r = 1 (hidden width C): with only C // 2 hidden ReLUs an image may have
   # them all inactive, and then no gradient reaches its Ac row.
-  spec = attention.AttentionSpec(kind="cscnn", num_categories=N, prior_dim=CP,
-                                 reduction=1, kernel_size=7)
+  spec = attention.AttentionSpec(kind="cscnn", num_categories=N,
+                                 channel_prior_dim=CP, reduction=1,
+                                 spatial_kernel=7)
   m = spec.make(C, H, W, rngs=_rngs(0))
   x = _uniform(1, (2, H, W, C))
   cats = jnp.array([1, 3])

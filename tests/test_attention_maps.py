@@ -17,8 +17,9 @@ U, S, C = 3, 16, (8, 8, 8)
 
 
 def _net(kind):
-  spec = attention.AttentionSpec(kind=kind, num_categories=4, prior_dim=4,
-                                 reduction=2, kernel_size=3)
+  spec = attention.AttentionSpec(kind=kind, num_categories=4,
+                                 channel_prior_dim=4, reduction=2,
+                                 spatial_kernel=3)
   return backbones.SmallCNN(S, 5, spec, C, rngs=nnx.Rngs(0))
 
 

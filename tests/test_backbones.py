@@ -15,8 +15,9 @@ KINDS = attention.ATTENTION_CHOICES
 
 
 def _spec(kind):
-  return attention.AttentionSpec(kind=kind, num_categories=N, prior_dim=CP,
-                                 reduction=R, kernel_size=K)
+  return attention.AttentionSpec(kind=kind, num_categories=N,
+                                 channel_prior_dim=CP, reduction=R,
+                                 spatial_kernel=K)
 
 
 def _attn(kind, c, h):

@@ -111,8 +111,9 @@ def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   assert batch["images"].shape == (8, 16, 16, 3)
   assert not batch["is_cold"].any()
   # Within a category the visual score depends on the pixels: not constant.
-  score, style = fashion_mnist.visual_latents(arrays["train"][0],
-                                              arrays["train"][1] + 1, seed=0)
+  score, style = fashion_mnist.visual_latents(
+      arrays["train"][0], arrays["train"][1] + 1, seed=0,
+      num_components=default.get_config().fashion_mnist.visual_components)
   for c in range(1, 11):
     assert np.ptp(score[arrays["train"][1] + 1 == c]) > 0.1
   assert set(np.unique(style)) <= set(range(4))

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 from etils import epath
 import grain
@@ -15,6 +18,7 @@ from csctr.data import synthetic
 from tests.test_synthetic import tiny_config
 
 K = 5
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +179,39 @@ def test_behavior_overflow_is_masked_and_counted(ds):
   assert b["behavior_mask"].sum() == valid.size
   est = pipeline.behavior_overflow(config, path, num_batches=5)
   assert 0 <= est["dropped_fraction"] <= 1 and est["behavior_refs"] > 0
+
+
+# Grain's worker processes read absl flags: without them parsed the pipeline
+# says so (it does not parse them itself); parsed, workers change no batch.
+_WORKERS = """
+import sys
+from absl import flags
+import numpy as np
+from csctr.data import pipeline
+from tests.test_synthetic import tiny_config
+config = tiny_config(sys.argv[1], num_behaviors=3)
+config.data.groups_per_batch, config.data.unique_images = 4, 8
+path = pipeline.prepare_dataset(config)
+config.data.worker_count = 1
+try:
+  pipeline.train_iterator(config, path)
+  raise SystemExit("no error without parsed flags")
+except ValueError as e:
+  assert "needs parsed absl flags" in str(e), e
+flags.FLAGS.mark_as_parsed()
+with_workers = next(pipeline.train_iterator(config, path))
+config.data.worker_count = 0
+in_process = next(pipeline.train_iterator(config, path))
+assert with_workers.keys() == in_process.keys()
+for key in in_process:
+  np.testing.assert_array_equal(with_workers[key], in_process[key])
+print("same batches")
+"""
+
+
+def test_worker_processes_need_parsed_flags_and_change_no_batch(ds):
+  config, path, _, _ = ds
+  proc = subprocess.run([sys.executable, "-c", _WORKERS, config.data_dir],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith("same batches")

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from csctr.data import batch as batch_lib
 from csctr.data import pipeline
 from csctr.data import prepared
 from csctr.data import prepare
+from csctr.data import registry
 from csctr.data import synthetic
 from tests.test_synthetic import tiny_config
 
@@ -78,12 +80,13 @@ def test_info_json_records_counts_and_packing(prepared_path):
   assert info.sparse_features == synthetic.SPARSE_FEATURES
   assert info.num_categories == config.synthetic.num_categories + 1
   assert (info.image_size, info.num_behaviors) == (16, 3)
-  splits = info.extras["splits"]
-  assert splits["train"]["impressions"] + splits["test"]["impressions"] == 2000
+  splits = info.splits
+  assert splits["train"].impressions + splits["test"].impressions == (
+      config.synthetic.num_impressions)
   for s in splits.values():
-    assert s["packing_efficiency"] == pytest.approx(
-        s["impressions"] / (s["groups"] * config.data.group_size))
-  assert splits["test"]["cold_impressions"] > 0
+    assert s.packing_efficiency == pytest.approx(
+        s.impressions / (s.groups * config.data.group_size))
+  assert splits["test"].cold_impressions > 0
   table = np.load(os.path.join(path, prepared.IMAGES_FILE), mmap_mode="r")
   assert table.shape == (config.synthetic.num_items, 16, 16, 3)
   source = synthetic.make_source(config)
@@ -115,7 +118,7 @@ def test_cache_is_keyed_by_dataset_config_only(prepared_path, monkeypatch):
   config.data.groups_per_batch = 2  # batching is not part of the key
   assert pipeline.prepare_dataset(config) == path
   other = tiny_config(config.data_dir, seed=1)
-  assert (prepared.cache_path(config.data_dir, pipeline.dataset_key(other))
+  assert (prepared.cache_path(config.data_dir, registry.dataset_key(other))
           != path)
   monkeypatch.delenv("CSCTR_DATA_DIR", raising=False)
   config.data_dir = ""
@@ -164,9 +167,17 @@ def test_bad_chunks_are_rejected_with_the_field_named(tmp_path, corrupt,
 
 
 def test_info_json_is_plain_json(prepared_path):
-  _, path = prepared_path
+  config, path = prepared_path
   with open(os.path.join(path, prepared.INFO_FILE)) as f:
     d = json.load(f)
   assert {"sparse_features", "vocab_sizes", "num_dense", "num_categories",
-          "image_size", "num_behaviors", "bayes_auc", "extras"} <= set(d)
-  assert d["extras"]["config"]["synthetic"]["num_impressions"] == 2000
+          "image_size", "num_behaviors", "bayes_auc", "extras",
+          "splits"} <= set(d)
+  assert d["extras"]["config"]["synthetic"] == config.synthetic.to_dict()
+  info = batch_lib.DataInfo.from_json(d)
+  assert info == pipeline.load_info(path)
+  assert json.loads(json.dumps(info.to_json())) == d  # a lossless round trip
+  # info.json of FORMAT_VERSION 2 kept the split counts in extras.
+  legacy = dict(d, extras={**d["extras"], "splits": d["splits"]})
+  del legacy["splits"]
+  assert batch_lib.DataInfo.from_json(legacy) == info

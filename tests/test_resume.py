@@ -4,7 +4,8 @@ Runs `python -m csctr.main` as users do, in subprocesses sharing a persistent
 XLA compilation cache (so only the first run pays for compiling). Two kills:
 one just after a checkpoint has been committed (wherever the run happens to
 be by then), and one deterministic kill inside a save, after Orbax created
-the tmp directory and before it renamed it (csctr.training.checkpointing's test hook).
+the tmp directory and before it renamed it (IteratorHandler.save patched by
+the command, _HANG_IN_SAVE).
 """
 
 import json
@@ -18,8 +19,6 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from csctr.training import checkpointing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -43,8 +42,33 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("data"))
 
 
-def _command(workdir, data_dir):
-  return [sys.executable, "-m", "csctr.main", "--config=configs/tiny.py",
+# `python -m csctr.main`, except that the save of checkpoint STEP touches
+# MARKER and hangs inside the save (after Orbax created the tmp directory,
+# before the rename), so that the test can SIGKILL it there.
+_HANG_IN_SAVE = """
+import sys, time
+from absl import app
+from etils import epath
+from csctr import main
+from csctr.training import checkpointing
+step, marker = sys.argv.pop(1), sys.argv.pop(1)
+save = checkpointing.IteratorHandler.save
+def hanging_save(self, directory, *args, **kwargs):
+  # directory is <root>/<step>.orbax-checkpoint-tmp*/data.
+  if epath.Path(directory).parent.name.split(".")[0] == step:
+    epath.Path(marker).write_text(str(directory))
+    time.sleep(3600)
+  return save(self, directory, *args, **kwargs)
+checkpointing.IteratorHandler.save = hanging_save
+app.run(main.main)
+"""
+
+
+def _command(workdir, data_dir, hang_in_save=None):
+  """The training command; hang_in_save=(step, marker) runs _HANG_IN_SAVE."""
+  run = (["-c", _HANG_IN_SAVE, *map(str, hang_in_save)] if hang_in_save
+         else ["-m", "csctr.main"])
+  return [sys.executable, *run, "--config=configs/tiny.py",
           f"--config.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
           "--config.eval_every=12", "--config.checkpoint_every=6",
           f"--workdir={workdir}"]
@@ -56,10 +80,11 @@ def _run(workdir, data_dir, env):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _run_and_kill(workdir, data_dir, env, ready, what):
+def _run_and_kill(workdir, data_dir, env, ready, what, hang_in_save=None):
   """Starts a run, SIGKILLs it once ready() holds; asserts it was unfinished."""
-  proc = subprocess.Popen(_command(workdir, data_dir), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(_command(workdir, data_dir, hang_in_save), cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
   deadline = time.time() + 240
   while not ready():
     if proc.poll() is not None:
@@ -125,9 +150,8 @@ def test_kill_inside_a_save_then_resume_is_exact(reference, data_dir, env,
                                                  tmp_path):
   workdir = str(tmp_path / "killed_mid_save")
   marker = str(tmp_path / "hanging")
-  hang_env = {**env, checkpointing.HANG_ENV: f"12:{marker}"}
-  _run_and_kill(workdir, data_dir, hang_env, lambda: os.path.exists(marker),
-                "the save of step 12")
+  _run_and_kill(workdir, data_dir, env, lambda: os.path.exists(marker),
+                "the save of step 12", hang_in_save=(12, marker))
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert any(n.startswith("12.orbax-checkpoint-tmp") for n in names), names
   assert _committed(workdir) == [6]  # the half-written 12 is not a checkpoint

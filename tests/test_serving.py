@@ -72,7 +72,9 @@ def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
       np.testing.assert_allclose(result.logits, logits[rows], atol=ATOL)
       assert result.misses == 0
       compared += len(rows)
-  assert compared == info.extras["splits"]["test"]["impressions"] == 600
+  s = config.synthetic
+  assert compared == info.splits["test"].impressions == round(
+      s.num_impressions * s.test_fraction)
 
 
 def _candidates(workdir, n, seed=0):

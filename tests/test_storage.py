@@ -140,7 +140,7 @@ def test_one_variable_configures_every_client(emulator):
 
 def test_a_byod_directory_in_a_bucket_reads_as_on_disk(storage, tmp_path,
                                                         monkeypatch):
-  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from csctr.data import registry  # pylint: disable=g-import-not-at-top
   from test_byod import collect, make_config, make_dataset  # pylint: disable=g-import-not-at-top
   local = make_dataset(tmp_path / "byod")
   url = f"gs://{BUCKET}/byod"
@@ -150,7 +150,7 @@ def test_a_byod_directory_in_a_bucket_reads_as_on_disk(storage, tmp_path,
   for path in (str(local), url):
     config = make_config(path)
     config.data.group_size = 4
-    sources.append(pipeline._make_source(config))  # pylint: disable=protected-access
+    sources.append(registry.make_source(config))
   on_disk, in_bucket = sources
   assert in_bucket.num_items == on_disk.num_items == 6
   for split in ("train", "test"):

@@ -123,14 +123,20 @@ def test_bpr_loss_pairs_within_user_then_batch():
 def test_partition_rules_shard_only_id_tables():
   config = tiny.get_config()
   mesh = mesh_lib.make_mesh(config)
+  assert not config.mesh.fsdp
+
+  def spec(path, shape, shard_embeddings):
+    return mesh_lib.partition_spec(path, shape, mesh, shard_embeddings,
+                                   config.mesh.fsdp, config.mesh.fsdp_min_size)
+
   embed = ("id_embed", "user_id", "embedding")
-  assert mesh_lib.partition_spec(embed, (62, 4), mesh, True) == jax.sharding.PartitionSpec("model", None)
-  assert mesh_lib.partition_spec(embed, (62, 4), mesh, False) == jax.sharding.PartitionSpec()
+  assert spec(embed, (62, 4), True) == jax.sharding.PartitionSpec("model", None)
+  assert spec(embed, (62, 4), False) == jax.sharding.PartitionSpec()
   # Adagrad's slot for the table follows the table.
   slot = (1, "inner_states", "embed", "inner_state", 0, "sum_of_squares") + embed
-  assert mesh_lib.partition_spec(slot, (62, 4), mesh, True) == jax.sharding.PartitionSpec("model", None)
+  assert spec(slot, (62, 4), True) == jax.sharding.PartitionSpec("model", None)
   dense = ("head", "mlp", "layers", 0, "kernel")
-  assert mesh_lib.partition_spec(dense, (64, 16), mesh, True) == jax.sharding.PartitionSpec()
+  assert spec(dense, (64, 16), True) == jax.sharding.PartitionSpec()
 
 
 def test_truncate_eval_log_drops_later_and_partial_lines(tmp_path):

@@ -36,8 +36,32 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitStats:
+  """Counts of one prepared split, written by prepare (info.json 'splits').
+
+  Attributes:
+    impressions: real impressions of the split.
+    groups: image-group records (readers size the split by it).
+    clicks: impressions with label 1.
+    cold_impressions: impressions of items never seen in training.
+    packing_efficiency: impressions / (groups * K), the filled slots.
+    ctr: clicks / impressions.
+  """
+
+  impressions: int
+  groups: int
+  clicks: int
+  cold_impressions: int
+  packing_efficiency: float
+  ctr: float
+
+
+@dataclasses.dataclass(frozen=True)
 class DataInfo:
   """What a model needs to know about a prepared dataset.
+
+  Serialised by to_json / from_json only: prepare's info.json and the run
+  directory's data_info.json hold the same object.
 
   Attributes:
     sparse_features: names of the columns of `batch['sparse']`, in order. The
@@ -51,7 +75,8 @@ class DataInfo:
     num_behaviors: L, behaviour images per impression (0: no DICM lists).
     bayes_auc: AUC of the true CTR on the test split, when the data is
       simulated (None for real data).
-    extras: anything else the dataset records (sizes, packing efficiency).
+    extras: anything else the dataset records (packing, source counters).
+    splits: split name -> its counts (empty when not from a prepared dataset).
   """
 
   sparse_features: tuple[str, ...]
@@ -62,6 +87,28 @@ class DataInfo:
   num_behaviors: int = 0
   bayes_auc: float | None = None
   extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+  splits: dict[str, SplitStats] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict (numpy scalars in extras need a `default=`)."""
+    out = dataclasses.asdict(self)
+    out["sparse_features"] = list(self.sparse_features)
+    out["vocab_sizes"] = list(self.vocab_sizes)
+    return out
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> DataInfo:
+    """The inverse of to_json; ignores other keys (e.g. a run's data_path)."""
+    extras = dict(d["extras"])
+    # info.json before typed splits kept them in extras (FORMAT_VERSION 2).
+    splits = d["splits"] if "splits" in d else extras.pop("splits", {})
+    return cls(
+        sparse_features=tuple(d["sparse_features"]),
+        vocab_sizes=tuple(int(v) for v in d["vocab_sizes"]),
+        num_dense=d["num_dense"], num_categories=d["num_categories"],
+        image_size=d["image_size"], num_behaviors=d["num_behaviors"],
+        bayes_auc=d["bayes_auc"], extras=extras,
+        splits={k: SplitStats(**v) for k, v in splits.items()})
 
   def feature_index(self, name: str) -> int:
     """Column of `batch['sparse']` holding feature `name`."""

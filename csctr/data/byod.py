@@ -71,17 +71,8 @@ ITEMS_FILE = "items.csv"
 IMPRESSIONS_FILE = "impressions.csv"
 REQUIRED_COLUMNS = ("user_id", "item_id", "label")
 OPTIONAL_COLUMNS = ("timestamp", "split", "behavior")
-# config.byod fields; a config without the section (or a field) gets these.
-DEFAULTS = {"test_fraction": 0.2, "seed": 0, "chunk_size": 65536,
-            "resize": "pad", "skip_bad_images": True, "image_cache_mb": 512,
-            "num_threads": 0}
 _LABELS = {"0": 0.0, "1": 1.0}
 _SPLITS = {"train": 0.0, "test": 1.0}
-
-
-def _option(config: Any, name: str) -> Any:
-  section = config.get("byod") if hasattr(config, "get") else None
-  return section.get(name, DEFAULTS[name]) if section else DEFAULTS[name]
 
 
 def _parse_time(text: str) -> float:
@@ -123,9 +114,9 @@ class _Reader:
     self.extra_cols = [col[h] for h in self.extras]
     self.mode = ("column" if self.split is not None else
                  "time" if self.time is not None else "hash")
-    self.chunk_size = int(_option(config, "chunk_size"))
-    self.seed = int(_option(config, "seed"))
-    self.test_fraction = float(_option(config, "test_fraction"))
+    self.chunk_size = config.byod.chunk_size
+    self.seed = config.byod.seed
+    self.test_fraction = config.byod.test_fraction
     if not 0.0 < self.test_fraction < 1.0 or self.chunk_size < 1:
       raise ValueError("need 0 < config.byod.test_fraction < 1 and "
                        f"chunk_size >= 1, got {self.test_fraction}, "
@@ -237,7 +228,7 @@ def make_source(config: Any) -> source_lib.Source:
 
   Args:
     config: the experiment config: byod_path, dataset, data.image_size,
-      data.num_behaviors and the optional byod section (DEFAULTS).
+      data.num_behaviors and the byod section (configs/default.py).
 
   Returns:
     The Source; `impressions(split)` re-reads impressions.csv each call.
@@ -256,10 +247,9 @@ def make_source(config: Any) -> source_lib.Source:
   items = byod_items.load_items(root, items_path)
   reader = _Reader(root, config, items)  # Header errors before decoding.
   images = byod_items.check_images(
-      items, items_path, size, _option(config, "resize"),
-      bool(_option(config, "skip_bad_images")),
-      int(_option(config, "num_threads")),
-      int(_option(config, "image_cache_mb")) * 2**20)
+      items, items_path, size, config.byod.resize,
+      config.byod.skip_bad_images, config.byod.num_threads,
+      config.byod.image_cache_mb * 2**20)
   good, n_items = images.good, len(items.ids)
 
   # Pass 1: validate every row; the first split key of every value decides
@@ -358,7 +348,7 @@ def make_source(config: Any) -> source_lib.Source:
       yield chunk
 
   return source_lib.Source(
-      name="amazon" if config.get("dataset") == "amazon" else "byod",
+      name=config.dataset,
       image_size=size, item_category=item_category,
       num_categories=len(cat_vocab) + 1,
       sparse_features=("user_id", "item_id", "category_id", *reader.extras),

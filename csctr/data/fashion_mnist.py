@@ -53,9 +53,6 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
            "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CATEGORIES = len(CLASSES) + 1  # row 0 = OOV
 _ITEMS, _PROJECTION = 11, 12  # seed streams (synthetic uses 1..5)
-# Principal components per category that the visual score mixes (see above);
-# config.fashion_mnist.visual_components overrides it (and so the cache key).
-VISUAL_COMPONENTS = 3
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -108,8 +105,7 @@ def load(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def visual_latents(pixels: np.ndarray, category: np.ndarray, seed: int,
-                   num_components: int = VISUAL_COMPONENTS
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   num_components: int) -> tuple[np.ndarray, np.ndarray]:
   """(visual score in (-1, 1), brightness-quartile style) from the pixels."""
   n = len(pixels)
   h, w = pixels.shape[1] // 4 * 4, pixels.shape[2] // 4 * 4
@@ -166,8 +162,7 @@ def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
   pixels = np.concatenate([train_x[warm], test_x[cold]])
   category = np.concatenate([train_y[warm], test_y[cold]]).astype(np.int32) + 1
   score, style = visual_latents(
-      pixels, category, cfg.seed,
-      cfg.get("visual_components", VISUAL_COMPONENTS))
+      pixels, category, cfg.seed, cfg.visual_components)
   items = synthetic.ItemLatents(
       category=category, visual_score=score, style=style,
       is_cold=np.arange(cfg.num_items) >= num_warm)

@@ -56,6 +56,7 @@ from csctr import storage
 from csctr.data import batch as batch_lib
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
+from csctr.data import registry
 
 load_info = prepared.load_info
 
@@ -74,69 +75,6 @@ def data_root(config: ml_collections.ConfigDict) -> str:
           or os.path.join(os.path.expanduser("~"), ".cache", "csctr"))
 
 
-def dataset_key(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config that determines a prepared dataset (its cache key).
-
-  Batching fields (groups_per_batch, unique_images, ...) are not part of it:
-  one prepared dataset serves every batch shape.
-  """
-  name = config.dataset
-  key = {"dataset": name, "image_size": config.data.image_size,
-         "group_size": config.data.group_size,
-         "num_behaviors": config.data.num_behaviors}
-  if name == "synthetic":
-    key["synthetic"] = config.synthetic.to_dict()
-  elif name == "fashion_mnist":
-    key["fashion_mnist"] = config.fashion_mnist.to_dict()
-  elif name in ("byod", "amazon"):
-    root = storage.normalize(config.byod_path)
-    key["byod_path"] = root
-    if "byod" in config:
-      key["byod"] = config.byod.to_dict()
-    # Edits to the CSVs make a new dataset rather than a stale cache hit.
-    key["files"] = {f: storage.stamp(storage.join(root, f))
-                    for f in ("items.csv", "impressions.csv")}
-  else:
-    raise ValueError(f"unknown dataset {name!r}: synthetic | fashion_mnist | "
-                     "byod | amazon")
-  return key
-
-
-def _make_source(config: ml_collections.ConfigDict):
-  name = config.dataset
-  if name == "synthetic":
-    from csctr.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.make_source(config)
-  if name == "fashion_mnist":
-    from csctr.data import fashion_mnist  # pylint: disable=g-import-not-at-top
-    return fashion_mnist.make_source(config)
-  if name in ("byod", "amazon"):
-    if not config.byod_path:
-      raise ValueError(f"dataset={name!r} needs config.byod_path")
-    from csctr.data import byod  # pylint: disable=g-import-not-at-top
-    if storage.is_remote(config.byod_path):
-      config = _with_local_byod(config)
-    return byod.make_source(config)
-  raise ValueError(f"unknown dataset {name!r}")
-
-
-def _with_local_byod(config: ml_collections.ConfigDict
-                     ) -> ml_collections.ConfigDict:
-  """config with byod_path a local copy of the URL it names.
-
-  The reader opens CSVs and image files by path. The copy is keyed by the
-  CSVs' sizes and times (as the dataset is), so an edited bucket gets a
-  fresh copy, not a stale one.
-  """
-  digest = prepared.cache_path("", dataset_key(config)).rsplit("-", 1)[-1]
-  local = storage.local_mirror(
-      config.byod_path, "items.csv",
-      root=os.path.join(storage.cache_root(), f"byod-{digest}"))
-  config = config.copy_and_resolve_references()
-  config.byod_path = local
-  return config
-
-
 def prepare_dataset(config: ml_collections.ConfigDict,
                     wait: bool = False) -> str:
   """Prepares config's dataset once (cached by config hash); returns path.
@@ -147,7 +85,7 @@ def prepare_dataset(config: ml_collections.ConfigDict,
   nothing is prepared: this waits for another process (or a Beam job) to
   commit it.
   """
-  key = dataset_key(config)
+  key = registry.dataset_key(config)
   path = prepared.cache_path(data_root(config), key)
   if prepared.is_prepared(path):
     return path
@@ -159,7 +97,7 @@ def prepare_dataset(config: ml_collections.ConfigDict,
   logging.info("preparing %s dataset into %s", config.dataset, path)
   local = prepared.mirror_path(path)
   if not prepared.is_prepared(local):
-    prepare_lib.prepare(_make_source(config), local,
+    prepare_lib.prepare(registry.make_source(config), local,
                         group_size=config.data.group_size, key=key)
   if local != path:
     storage.upload_dir(local, path, prepared.INFO_FILE)
@@ -189,7 +127,7 @@ class GroupSource:
     self._spec = prepared.group_spec(
         len(info.sparse_features), info.num_dense, info.num_behaviors)
     self._path, self._split = path, split
-    self._length = int(info.extras["splits"][split]["groups"])
+    self._length = info.splits[split].groups
     self._reader = None
 
   def __len__(self) -> int:
@@ -356,8 +294,8 @@ def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
   # Whole batches are built in the prefetch threads, overlapping the train
   # step; two threads keep up easily and leave the cores to XLA.
   return grain.ReadOptions(
-      num_threads=config.data.get("read_threads", 2),
-      prefetch_buffer_size=config.data.get("prefetch_batches", 8))
+      num_threads=config.data.read_threads,
+      prefetch_buffer_size=config.data.prefetch_batches)
 
 
 def train_iterator(config: ml_collections.ConfigDict, path: str,
@@ -379,8 +317,14 @@ def train_iterator(config: ml_collections.ConfigDict, path: str,
       g, drop_remainder=True, batch_fn=collate)
   it = ds.to_iter_dataset(_read_options(config))
   if d.worker_count:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
-      flags.FLAGS.mark_as_parsed()  # (Colab, tests: no app.run)
+    # Grain's workers read absl flags; parsing them is the program's job
+    # (absl.app.run does it), not a library's.
+    if not flags.FLAGS.is_parsed():
+      raise ValueError(
+          f"data.worker_count={d.worker_count} needs parsed absl flags "
+          "(Grain's worker processes read them): run under absl.app.run, or "
+          "call absl.flags.FLAGS.mark_as_parsed() first (notebooks), or set "
+          "data.worker_count=0")
     it = it.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=d.worker_count))
   return iter(it)

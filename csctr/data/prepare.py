@@ -162,23 +162,16 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
                  source: source_lib.Source) -> source_lib.ImpressionChunk:
   """Validates a Source chunk and casts it to the stored dtypes."""
   n = len(chunk["item"])
-  want = {"item": ((n,), np.int32), "label": ((n,), np.float32),
-          "user_id": ((n,), np.int32), "is_cold": ((n,), np.bool_),
-          "impression_id": ((n,), np.int32),
-          "sparse": ((n, len(source.sparse_features)), np.int32),
-          "dense": ((n, source.num_dense), np.float32)}
-  if source.num_behaviors:
-    want["behavior"] = ((n, source.num_behaviors), np.int32)
   out = {}
-  for key, (shape, dtype) in want.items():
-    if key == "dense" and key not in chunk and not source.num_dense:
-      continue
+  for key, (dtype, shape) in source_lib.chunk_spec(
+      len(source.sparse_features), source.num_dense,
+      source.num_behaviors).items():
     if key not in chunk:
       raise ValueError(f"{source.name}: impression chunk lacks {key!r}")
     value = np.asarray(chunk[key])
-    if value.shape != shape:
+    if value.shape != (n, *shape):
       raise ValueError(f"{source.name}: chunk[{key!r}] has shape "
-                       f"{value.shape}, want {shape}")
+                       f"{value.shape}, want {(n, *shape)}")
     out[key] = value.astype(dtype, copy=False)
   # Out-of-range rows would be clamped silently by XLA's gathers: catch here.
   if n and (out["item"].min() < 0 or out["item"].max() >= source.num_items):
@@ -197,8 +190,6 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
                      f"[0, vocab_size) (vocab_sizes={tuple(vocab)})")
   if not ((out["label"] == 0) | (out["label"] == 1)).all():
     raise ValueError(f"{source.name}: labels must be 0 or 1")
-  if not source.num_dense:
-    out.pop("dense", None)
   if "true_ctr" in chunk:
     out["true_ctr"] = np.asarray(chunk["true_ctr"], np.float32)
   return out
@@ -224,7 +215,8 @@ def _write_images(source: source_lib.Source, tmp: str) -> dict[str, int]:
           "items_without_image": int((~seen).sum())}
 
 
-def _write_split(source, split, group_size, features, path, scores):
+def _write_split(source, split, group_size, features, path,
+                 scores) -> batch_lib.SplitStats:
   """Packs and writes one split; returns its counters."""
   counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
   packer = Packer(group_size, MAX_PENDING)
@@ -251,7 +243,7 @@ def _write_split(source, split, group_size, features, path, scores):
   slots = counts["groups"] * group_size
   counts["packing_efficiency"] = counts["impressions"] / slots if slots else 0.0
   counts["ctr"] = counts["clicks"] / max(counts["impressions"], 1)
-  return counts
+  return batch_lib.SplitStats(**counts)
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -290,7 +282,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
     tfds.folder_dataset.write_metadata(
         data_dir=groups_dir, features=features, check_data=False,
         split_infos=[tfds.core.SplitInfo(
-            name=s, shard_lengths=[c["groups"]], num_bytes=0)
+            name=s, shard_lengths=[c.groups], num_bytes=0)
                      for s, c in splits.items()],
         description="csctr image groups (see csctr/data/prepare.py)")
     bayes_auc, bayes_auc_cold = source.bayes_auc, None
@@ -303,8 +295,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
         "dataset": source.name,
         "format_version": prepared.FORMAT_VERSION,
         "group_size": group_size,
-        "packing_efficiency": splits["train"]["packing_efficiency"],
-        "splits": splits,
+        "packing_efficiency": splits["train"].packing_efficiency,
         "bayes_auc_cold": bayes_auc_cold,
         "source_stats": dict(source.stats),
         "prepare_seconds": round(time.time() - start, 2),
@@ -316,9 +307,9 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
         vocab_sizes=tuple(int(v) for v in source.vocab_sizes),
         num_dense=source.num_dense, num_categories=source.num_categories,
         image_size=source.image_size, num_behaviors=source.num_behaviors,
-        bayes_auc=bayes_auc, extras=extras)
+        bayes_auc=bayes_auc, extras=extras, splits=splits)
     with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
-      json.dump(prepared.info_to_json(info), f, indent=2, default=prepared.json_default)
+      json.dump(info.to_json(), f, indent=2, default=prepared.json_default)
     os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
     try:
       os.rename(tmp, path)

@@ -21,6 +21,7 @@ import numpy as np
 
 from csctr import storage
 from csctr.data import batch as batch_lib
+from csctr.data import source as source_lib
 
 # Bump when the on-disk layout changes: it is part of the cache key.
 FORMAT_VERSION = 2
@@ -35,17 +36,11 @@ def group_spec(num_sparse: int, num_dense: int,
                num_behaviors: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
   """dtype and per-impression shape of every field of a group record.
 
-  'item' is a scalar; every other field has a leading impression axis.
-  Zero-width fields are left out (TFDS cannot decode them).
+  The impression chunk's fields (source.chunk_spec): 'item' is a scalar;
+  every other field has a leading impression axis. Zero-width fields are
+  left out (TFDS cannot decode them).
   """
-  spec = {"item": (np.int32, ()), "label": (np.float32, ()),
-          "user_id": (np.int32, ()), "impression_id": (np.int32, ()),
-          "is_cold": (np.bool_, ()), "sparse": (np.int32, (num_sparse,))}
-  if num_dense:
-    spec["dense"] = (np.float32, (num_dense,))
-  if num_behaviors:
-    spec["behavior"] = (np.int32, (num_behaviors,))
-  return spec
+  return source_lib.chunk_spec(num_sparse, num_dense, num_behaviors)
 
 
 def json_default(x):
@@ -56,28 +51,10 @@ def json_default(x):
   return str(x)
 
 
-def info_to_json(info: batch_lib.DataInfo) -> dict[str, Any]:
-  return {
-      "sparse_features": list(info.sparse_features),
-      "vocab_sizes": list(info.vocab_sizes),
-      "num_dense": info.num_dense,
-      "num_categories": info.num_categories,
-      "image_size": info.image_size,
-      "num_behaviors": info.num_behaviors,
-      "bayes_auc": info.bayes_auc,
-      "extras": info.extras,
-  }
-
-
 def load_info(path: str) -> batch_lib.DataInfo:
   """Reads the DataInfo of a prepared dataset (a local path or a URL)."""
-  d = storage.read_json(storage.join(path, INFO_FILE))
-  return batch_lib.DataInfo(
-      sparse_features=tuple(d["sparse_features"]),
-      vocab_sizes=tuple(d["vocab_sizes"]), num_dense=d["num_dense"],
-      num_categories=d["num_categories"], image_size=d["image_size"],
-      num_behaviors=d["num_behaviors"], bayes_auc=d["bayes_auc"],
-      extras=d["extras"])
+  return batch_lib.DataInfo.from_json(
+      storage.read_json(storage.join(path, INFO_FILE)))
 
 
 def cache_path(root: str, key: dict[str, Any]) -> str:

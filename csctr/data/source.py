@@ -14,21 +14,42 @@ Sources stream: both the item images and the impressions come in chunks, so a
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-# Keys of an impression chunk (each value has leading dimension n):
-#   item           int32 [n]     item row (index into the image table)
-#   sparse         int32 [n, F]  vocabulary rows of the sparse features, OOV 0
-#   dense          float32 [n, D]
-#   label          float32 [n]   in {0, 1}
-#   user_id        int32 [n]     raw user id (GAUC groups by it)
-#   is_cold        bool [n]      item absent from the training split
-#   impression_id  int32 [n]     unique over the whole dataset
-#   behavior       int32 [n, L]  item rows clicked before, -1 = none (L > 0)
-#   true_ctr       float32 [n]   simulated datasets only
+# The impression chunk, the one spec of it: key -> (dtype, width, meaning).
+# Every value has leading dimension n; width None is [n], else [n, width]
+# with the width named by the Source (F sparse features, D dense, L
+# behaviours). Prepare stores these fields in its group records (the same
+# spec, csctr/data/prepared.py), leaving out zero-width ones.
+CHUNK_FIELDS: dict[str, tuple[Any, str | None, str]] = {
+    "item": (np.int32, None, "item row (index into the image table)"),
+    "label": (np.float32, None, "in {0, 1}"),
+    "user_id": (np.int32, None, "raw user id (GAUC groups by it)"),
+    "impression_id": (np.int32, None, "unique over the whole dataset"),
+    "is_cold": (np.bool_, None, "item absent from the training split"),
+    "sparse": (np.int32, "F", "vocabulary rows of the sparse features, OOV 0"),
+    "dense": (np.float32, "D", "dense features (left out when D = 0)"),
+    "behavior": (np.int32, "L", "item rows clicked before, -1 = none"),
+}
+# Optional beside them, never stored: 'true_ctr' float32 [n], the true CTR
+# of simulated data, from which prepare computes the Bayes AUC.
 ImpressionChunk = dict[str, np.ndarray]
+
+
+def chunk_spec(num_sparse: int, num_dense: int,
+               num_behaviors: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
+  """dtype and per-impression shape of every field, zero-width ones left out.
+
+  A chunk's `key` has shape (n, *shape); a group record's the same with n
+  impressions of one item, except 'item', one scalar per group.
+  """
+  widths = {None: (), "F": (num_sparse,), "D": (num_dense,),
+            "L": (num_behaviors,)}
+  return {key: (dtype, widths[width])
+          for key, (dtype, width, _) in CHUNK_FIELDS.items()
+          if 0 not in widths[width]}
 
 
 @dataclasses.dataclass

@@ -68,16 +68,17 @@ class AttentionSpec:
   Attributes:
     kind: one of ATTENTION_CHOICES.
     num_categories: rows of the prior tables (OOV category 0 included).
-    prior_dim: C', the size of the channel prior Ac_k.
+    channel_prior_dim: C', the size of the channel prior Ac_k.
     reduction: r, the hidden width of the shared MLP is max(C // r, 1).
-    kernel_size: side of the spatial-attention convolution (7 in the papers).
+    spatial_kernel: side of the spatial-attention convolution (7 in the
+      papers).
   """
 
   kind: str = "cscnn"
   num_categories: int = 1
-  prior_dim: int = 8
+  channel_prior_dim: int = 8
   reduction: int = 4
-  kernel_size: int = 7
+  spatial_kernel: int = 7
 
   def __post_init__(self):
     if self.kind not in ATTENTION_CHOICES:
@@ -108,13 +109,14 @@ class AttentionSpec:
     n = 0
     if self.use_channel:
       h = self.hidden(channels)
-      d_in = channels + (self.prior_dim if self.channel_prior else 0)
+      prior = self.channel_prior_dim if self.channel_prior else 0
+      d_in = channels + prior
       n += d_in * h + h + h * channels + channels  # shared 2-layer MLP
       if self.channel_prior:
-        n += self.num_categories * self.prior_dim  # Ac
+        n += self.num_categories * self.channel_prior_dim  # Ac
     if self.use_spatial:
       c_in = 3 if self.spatial_prior else 2
-      n += self.kernel_size**2 * c_in + 1  # conv kxk -> 1 map, with bias
+      n += self.spatial_kernel**2 * c_in + 1  # conv kxk -> 1 map, with bias
       if self.spatial_prior:
         n += self.num_categories * height * width  # As
     return n
@@ -137,7 +139,8 @@ class CategoryAttention(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if spec.use_channel:
       hidden = spec.hidden(channels)
-      d_in = channels + (spec.prior_dim if spec.channel_prior else 0)
+      prior = spec.channel_prior_dim if spec.channel_prior else 0
+      d_in = channels + prior
       self.mlp_hidden = nnx.Linear(d_in, hidden, **kw)
       # The logit of eq. (1) sums one bias per branch (one for SE, two else).
       branches = 1 if spec.kind == "se" else 2
@@ -146,10 +149,11 @@ class CategoryAttention(nnx.Module):
           bias_init=nnx.initializers.constant(_GATE_LOGIT / branches), **kw)
     if spec.channel_prior:
       self.channel_prior = nnx.Param(_PRIOR_INIT(
-          rngs.params(), (spec.num_categories, spec.prior_dim), param_dtype))
+          rngs.params(), (spec.num_categories, spec.channel_prior_dim),
+          param_dtype))
     if spec.use_spatial:
       c_in = 3 if spec.spatial_prior else 2
-      k = spec.kernel_size
+      k = spec.spatial_kernel
       # The kxk conv of eq. (2) to one map: kernel [k, k, c_in, 1] (HWIO).
       self.spatial_kernel = nnx.Param(nnx.initializers.lecun_normal()(
           rngs.params(), (k, k, c_in, 1), param_dtype))

@@ -61,14 +61,13 @@ class ImageEncoder(nnx.Module):
                info: batch_lib.DataInfo, *, dtype: Any, rngs: nnx.Rngs):
     spec = attention_lib.AttentionSpec(
         kind=config.attention, num_categories=info.num_categories,
-        prior_dim=config.channel_prior_dim, reduction=config.reduction,
-        kernel_size=config.spatial_kernel)
+        channel_prior_dim=config.channel_prior_dim,
+        reduction=config.reduction, spatial_kernel=config.spatial_kernel)
     self.dtype = dtype
     self.backbone = backbones.build_backbone(
         config.backbone, info.image_size, config.visual_dim, spec,
-        small_channels=tuple(config.get("small_channels", (32, 32, 64, 64))),
-        fc_dim=config.get("fc_dim", 4096),
-        resnet_width=config.get("resnet_width", 64), dtype=dtype, rngs=rngs)
+        small_channels=tuple(config.small_channels), fc_dim=config.fc_dim,
+        resnet_width=config.resnet_width, dtype=dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array, categories: jax.Array) -> jax.Array:
     return self.backbone(normalize_images(images, self.dtype), categories)

@@ -84,7 +84,7 @@ _INFO_FIELDS = ("sparse_features", "vocab_sizes", "num_dense",
 def config_hash(model_config: ml_collections.ConfigDict,
                 info: batch_lib.DataInfo) -> str:
   """sha256 of the model config + the model-shaping DataInfo fields."""
-  info_json = prepared.info_to_json(info)
+  info_json = info.to_json()
   blob = json.dumps({"model": model_config.to_dict(),
                      "info": {k: info_json[k] for k in _INFO_FIELDS}},
                     sort_keys=True, default=str)

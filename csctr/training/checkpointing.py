@@ -29,8 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import time
 from typing import Any
 
 from absl import logging
@@ -40,19 +38,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from csctr import storage
-
-# Test hook: "STEP:MARKER" makes the save of checkpoint STEP touch MARKER and
-# hang inside the save (after the tmp directory exists, before the rename), so
-# a test can SIGKILL the process deterministically mid-save.
-HANG_ENV = "CSCTR_TEST_HANG_IN_SAVE"
-# Test hook: "STEP" makes every process SIGKILL itself inside the save of
-# checkpoint STEP (kill -9 after the previous checkpoint, deterministically).
-KILL_ENV = "CSCTR_TEST_KILL_IN_SAVE"
-
-
-def _saving_step(directory: epath.Path) -> str:
-  # <root>/<step>[.orbax-checkpoint-tmp*]/data
-  return epath.Path(directory).parent.name.split(".")[0]
 
 
 class _StateSnapshot:
@@ -71,18 +56,12 @@ class _StateSnapshot:
 
 
 class IteratorHandler(grain_ckpt.CheckpointHandler):
-  """grain.checkpoint.CheckpointHandler plus the mid-save test hook."""
+  """grain.checkpoint.CheckpointHandler reading JSON states (see restore).
 
-  def save(self, directory: epath.Path, item: Any = None, args: Any = None):
-    hang = os.environ.get(HANG_ENV)
-    if hang:
-      step, marker = hang.split(":", 1)
-      if _saving_step(directory) == step:
-        epath.Path(marker).write_text(str(directory))
-        time.sleep(3600)
-    if os.environ.get(KILL_ENV) == _saving_step(directory):
-      os.kill(os.getpid(), signal.SIGKILL)
-    super().save(directory, item=item, args=args)
+  Its save runs inside Orbax's save, after the tmp directory exists and
+  before the rename; tests/test_resume.py patches it there to kill a run
+  mid-save.
+  """
 
   def restore(self, directory: epath.Path, item: Any = None,
               args: Any = None) -> Any:

@@ -134,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         abstract, shardings), train_iter)
   else:
     state = steps_lib.init_state(init_fn, shardings)
-    if config.model.get("encoder_init"):
+    if config.model.encoder_init:
       state = steps_lib.init_encoder_from(state, shardings, config.model.encoder_init)
   if jax.process_index() == 0:
     rundir.truncate_eval_log(workdir, start_step)

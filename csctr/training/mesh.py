@@ -66,7 +66,6 @@ SHARDING_RULES: tuple[tuple[str, str | None, P | str], ...] = (
     # Everything else: replicated (plain data parallelism).
     (r"", None, P()),
 )
-FSDP_MIN_SIZE = 1 << 18  # elements (1 MiB in f32): smaller leaves replicate
 
 
 def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh,
@@ -96,7 +95,7 @@ def _divides(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> bool:
 
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh, shard_embeddings: bool,
-                   fsdp: bool = False, fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
+                   fsdp: bool, fsdp_min_size: int) -> P:
   """The spec of one train-state leaf (params and optimizer slots), by SHARDING_RULES."""
   name = "/".join(str(k) for k in path)
   switches = {"shard_embeddings": shard_embeddings, "fsdp": fsdp}
@@ -113,8 +112,8 @@ def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
 
 
 def state_shardings(abstract: State, mesh: jax.sharding.Mesh,
-                    shard_embeddings: bool, fsdp: bool = False,
-                    fsdp_min_size: int = FSDP_MIN_SIZE) -> State:
+                    shard_embeddings: bool, fsdp: bool,
+                    fsdp_min_size: int) -> State:
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, partition_spec(
           optim.key_path_to_tuple(p), x.shape, mesh, shard_embeddings, fsdp,
@@ -127,8 +126,7 @@ def mesh_shardings(abstract: State, mesh: jax.sharding.Mesh,
   """state_shardings with the switches of config.mesh."""
   m = config.mesh
   return state_shardings(abstract, mesh, m.shard_embeddings,
-                         m.get("fsdp", False),
-                         m.get("fsdp_min_size", FSDP_MIN_SIZE))
+                         m.fsdp, m.fsdp_min_size)
 
 
 def log_shardings(abstract_params: Any, shardings: Any) -> None:
