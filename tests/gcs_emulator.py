@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Iterator
@@ -61,11 +62,14 @@ def running(bucket: str = BUCKET, timeout_s: float = 60.0) -> Iterator[str]:
   """Runs the emulator with `bucket` created; yields its http:// URL."""
   port = free_port()
   url = f"http://127.0.0.1:{port}"
+  # It logs every request: to a file, since an undrained pipe would fill up
+  # and stall the emulator.
+  log = tempfile.TemporaryFile()
   proc = subprocess.Popen(
       [sys.executable, "-c", _MAIN, "start",
        "--host=127.0.0.1", f"--port={port}", f"--default-bucket={bucket}",
        "--in-memory"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+      stdout=log, stderr=subprocess.STDOUT)
   try:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -77,8 +81,9 @@ def running(bucket: str = BUCKET, timeout_s: float = 60.0) -> Iterator[str]:
       except OSError:
         pass
       if proc.poll() is not None:
+        log.seek(0)
         raise RuntimeError("gcp-storage-emulator exited: "
-                           + proc.stderr.read().decode()[-2000:])
+                           + log.read().decode()[-2000:])
       if time.monotonic() > deadline:
         raise TimeoutError(f"gcp-storage-emulator did not answer on {url}")
       time.sleep(0.1)
@@ -90,7 +95,7 @@ def running(bucket: str = BUCKET, timeout_s: float = 60.0) -> Iterator[str]:
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
-    proc.stderr.close()
+    log.close()
 
 
 def environ(url: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from csctr.training import checkpointing
+import kill_in_save
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ ARGS = ("--config=configs/tiny.py", "--config.num_train_steps=12",
 
 
 def _run(args, env, **kwargs):
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, **kwargs)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=1200, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +47,18 @@ def runs(tmp_path_factory):
          f"--workdir={out / 'run'}", f"--config.data_dir={out / 'data'}"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True)
-    remote = ("csctr.main", *ARGS, f"--workdir={REMOTE}",
+    remote = (*ARGS, f"--workdir={REMOTE}",
               f"--config.data_dir=gs://{BUCKET}/data")
-    killed = _run(remote, {**env, checkpointing.KILL_ENV: "12"})
+    killed = _run(kill_in_save.command(*remote), {**env, kill_in_save.ENV: "12"})
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = _run(remote, env)
+    resumed = _run([sys.executable, "-m", "csctr.main", *remote], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, local_err = local.communicate(timeout=600)
+    _, local_err = local.communicate(timeout=1200)
     assert local.returncode == 0, local_err[-3000:]
     for workdir, table in ((REMOTE, f"gs://{BUCKET}/table"),
                            (out / "run", out / "table")):
-      exported = _run(("csctr.export", f"--workdir={workdir}",
-                       f"--output={table}"), env)
+      exported = _run([sys.executable, "-m", "csctr.export",
+                       f"--workdir={workdir}", f"--output={table}"], env)
       assert exported.returncode == 0, exported.stderr[-3000:]
     os.environ["STORAGE_EMULATOR_HOST"] = url  # this process reads it too
     from csctr import storage  # pylint: disable=g-import-not-at-top
