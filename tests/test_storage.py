@@ -179,7 +179,7 @@ def test_one_process_prepares_into_the_bucket_the_others_wait(
     assert waiter.result(timeout=300) == path  # returned once committed
   assert path.startswith(config.data_dir) and prepared.is_prepared(path)
   info = prepared.load_info(path)  # read from the bucket
-  assert info.extras["splits"]["test"]["impressions"] == 600
+  assert info.splits["test"].impressions == 600
   # Another machine reads it through its own mirror: the same files.
   monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "reader"))
   mine, theirs = (pathlib.Path(prepared.local_copy(path)),
