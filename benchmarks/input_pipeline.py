@@ -18,18 +18,15 @@ take a small fraction of a train step (tens of ms for the small CNN on CPU).
 """
 
 import json
-import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
-from csctr.data import prepared  # pylint: disable=g-import-not-at-top
+from csctr.data import pipeline
+from csctr.data import prepared
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Experiment config file.",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -41,11 +40,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
-from csctr.data import batch as batch_lib  # pylint: disable=g-import-not-at-top
-from csctr.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from csctr.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
+from benchmarks import step_timing
+from csctr.training import mesh as mesh_lib
+from csctr.training import steps as steps_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "default.py"),
@@ -96,62 +93,13 @@ def unique_images_sweep(base, sizes: list[int]) -> list[dict[str, Any]]:
   return out
 
 
-def rows_sweep(base, rows: list[int], model_devices: int) -> list[dict[str, Any]]:
-  """Step time and memory per device vs item_id table rows.
-
-  model_devices == 1: one device, the table whole; > 1: a 1 x model_devices
-  mesh with the table row-sharded over 'model'.
-  """
-  config = copy.deepcopy(base)
-  config.model.use_image = False
-  config.mesh.shape = (1, model_devices)
-  config.mesh.shard_embeddings = model_devices > 1
-  info = step_timing.data_info(config)
-  column = info.feature_index("item_id")
-  mesh = mesh_lib.make_mesh(config)
-  out = []
-  for n in rows:
-    vocab = list(info.vocab_sizes)
-    vocab[column] = n
-    sized = batch_lib.DataInfo(
-        info.sparse_features, tuple(vocab), info.num_dense,
-        info.num_categories, info.image_size, info.num_behaviors)
-    start = time.perf_counter()
-    steps = steps_lib.build_steps(config, sized, mesh)
-    state = step_timing.init_state(steps)
-    jax.block_until_ready(state)
-    init_s = time.perf_counter() - start
-    spec = next(s.spec for path, s in jax.tree_util.tree_flatten_with_path(
-        steps.shardings["params"])[0] if "item_id" in jax.tree_util.keystr(path))
-    r = step_timing.time_train_step(config, sized, mesh, steps=steps,
-                                    state=state, **_timing())
-    out.append({"rows": n, "devices": model_devices,
-                "table_spec": str(spec),
-                "table_bytes": n * config.model.embed_dim * 4,
-                "init_s": init_s, **r})
-    print(f"  rows={n:.0e} devices={model_devices}: "
-          f"{r['step_s'] * 1e3:.1f} ms/step, "
-          f"{r.get('peak_bytes', 0) / 2**20:.1f} MiB/device", flush=True)
-  return out
-
-
 def _sharded_rows_in_subprocess(rows: list[int], devices: int) -> list[dict]:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                       f" --xla_force_host_platform_device_count={devices}")}
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker",
-         f"--rows={','.join(map(str, rows))}",
-         f"--model_devices={devices}", f"--runs={_RUNS.value}",
-         f"--min_run_s={_MIN_RUN_S.value}",
-         *[a for a in sys.argv[1:] if a.startswith("--config")]]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=600)
-  sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
-                           if not line.startswith("RESULT ")))
-  if proc.returncode:
-    raise RuntimeError(f"sharded rows sweep failed:\n{proc.stderr[-3000:]}")
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  return step_timing.run_worker(
+      __file__, [f"--rows={','.join(map(str, rows))}",
+                 f"--model_devices={devices}", f"--runs={_RUNS.value}",
+                 f"--min_run_s={_MIN_RUN_S.value}",
+                 *[a for a in sys.argv[1:] if a.startswith("--config")]],
+      devices)
 
 
 def plot(result: dict[str, Any], path: str) -> None:
@@ -219,7 +167,8 @@ def main(argv):
   base = _CONFIG.value
   rows = [int(r) for r in _ROWS.value]
   if _WORKER.value:
-    print("RESULT " + json.dumps(rows_sweep(base, rows, _MODEL_DEVICES.value)))
+    print("RESULT " + json.dumps(step_timing.rows_sweep(
+        base, rows, _MODEL_DEVICES.value, **_timing())))
     return
   start = time.perf_counter()
   peak = step_timing.cpu_peak_flops()
@@ -229,7 +178,7 @@ def main(argv):
   result["unique_images"] = unique_images_sweep(
       base, [int(u) for u in _UNIQUE.value])
   print("rows sweep, one device:", flush=True)
-  result["rows_single"] = rows_sweep(base, rows, 1)
+  result["rows_single"] = step_timing.rows_sweep(base, rows, 1, **_timing())
   if _MODEL_DEVICES.value > 1:
     print(f"rows sweep, sharded over {_MODEL_DEVICES.value} fake devices:",
           flush=True)

@@ -37,7 +37,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -47,8 +46,6 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top
 import jax
 from flax import nnx
 from csctr.serving import export as export_lib
@@ -56,7 +53,6 @@ from csctr.data import pipeline
 from csctr.model import ctr
 from csctr import serving
 from csctr import rundir
-# pylint: enable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Model config (without --workdir).",

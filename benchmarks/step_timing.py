@@ -15,11 +15,15 @@ temporaries), per device.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +84,20 @@ def cost(compiled: Any) -> dict[str, float]:
           "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
 
 
+def timing_batch(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
+                 steps: steps_lib.Steps, seed: int = 0) -> dict[str, jax.Array]:
+  """A dummy batch of config's shapes, on device, every slot a real impression.
+
+  dummy_batch pads the last group; the step costs the same either way, and
+  throughput then counts all B slots.
+  """
+  d = config.data
+  local = batch_lib.dummy_batch(info, d.groups_per_batch, d.group_size,
+                                d.unique_images, seed=seed)
+  local["weight"] = np.ones_like(local["weight"])
+  return mesh_lib.global_batch(local, steps.data_sharding)
+
+
 def time_train_step(config: ml_collections.ConfigDict,
                     info: batch_lib.DataInfo, mesh: jax.sharding.Mesh, *,
                     runs: int = 5, min_run_s: float = 1.0, warmup: int = 3,
@@ -96,13 +114,7 @@ def time_train_step(config: ml_collections.ConfigDict,
   steps = steps or steps_lib.build_steps(config, info, mesh)
   if state is None:
     state = init_state(steps)
-  d = config.data
-  local = batch_lib.dummy_batch(info, d.groups_per_batch, d.group_size,
-                                d.unique_images, seed=0)
-  # Every slot a real impression (dummy_batch pads the last group): the
-  # step costs the same either way, and throughput then counts all B slots.
-  local["weight"] = np.ones_like(local["weight"])
-  batch = mesh_lib.global_batch(local, steps.data_sharding)
+  batch = timing_batch(config, info, steps)
 
   start = time.perf_counter()
   compiled = steps.train_step.lower(state, batch).compile()
@@ -127,6 +139,41 @@ def time_train_step(config: ml_collections.ConfigDict,
   return {"step_s": statistics.median(times), "step_s_runs": times,
           "steps_per_run": per_run, "compile_s": compile_s,
           **cost(compiled), **memory_bytes(compiled)}
+
+
+def step_runner(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
+                compiler_options: dict[str, Any] | None = None
+                ) -> tuple[Callable[[int], float], int]:
+  """(n -> seconds for n train steps, parameter count), for interleaved timing.
+
+  The trainer's own compiled step (steps_lib.build_steps) on timing_batch,
+  its state carried from call to call; each call ends with
+  block_until_ready, so its seconds are the steps' own. Lets a benchmark
+  alternate between implementations (benchmarks/peer_pytorch.py);
+  compiler_options (XLA debug options, e.g. {'xla_cpu_use_xnnpack': True})
+  compare compilations of one step in one process.
+  """
+  mesh = mesh_lib.make_mesh(config)
+  steps = steps_lib.build_steps(config, info, mesh)
+  holder = {"state": init_state(steps)}
+  batch = timing_batch(config, info, steps)
+  compiled = steps.train_step.lower(holder["state"], batch).compile(
+      compiler_options)
+  n_params = sum(x.size for x in jax.tree.leaves(holder["state"]["params"]))
+
+  def run(n: int) -> float:
+    state = holder["state"]
+    start = time.perf_counter()
+    for _ in range(n):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - start
+    holder["state"] = state
+    if not np.isfinite(float(metrics["loss"])):
+      raise FloatingPointError("non-finite loss while timing")
+    return elapsed
+
+  return run, n_params
 
 
 def _cpuinfo() -> tuple[set[str], float]:
@@ -194,3 +241,75 @@ def load_average() -> float:
     return os.getloadavg()[0]
   except OSError:
     return float("nan")
+
+
+def rows_sweep(base: ml_collections.ConfigDict, rows: list[int],
+               model_devices: int, **timing: Any) -> list[dict[str, Any]]:
+  """Step time and memory per device vs item_id table rows.
+
+  The ID part of `base`'s model (use_image=False: the CNN's cost does not
+  depend on the tables). model_devices == 1: one device, the table whole;
+  > 1: a 1 x model_devices mesh with the table row-sharded over 'model'.
+  Used by benchmarks/scaling.py and benchmarks/embedding_scaling.py.
+  """
+  config = copy.deepcopy(base)
+  config.model.use_image = False
+  config.mesh.shape = (1, model_devices)
+  config.mesh.shard_embeddings = model_devices > 1
+  info = data_info(config)
+  column = info.feature_index("item_id")
+  mesh = mesh_lib.make_mesh(config)
+  out = []
+  for n in rows:
+    vocab = list(info.vocab_sizes)
+    vocab[column] = n
+    sized = batch_lib.DataInfo(
+        info.sparse_features, tuple(vocab), info.num_dense,
+        info.num_categories, info.image_size, info.num_behaviors)
+    start = time.perf_counter()
+    steps = steps_lib.build_steps(config, sized, mesh)
+    state = init_state(steps)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    spec = next(s.spec for path, s in jax.tree_util.tree_flatten_with_path(
+        steps.shardings["params"])[0] if "item_id" in jax.tree_util.keystr(path))
+    r = time_train_step(config, sized, mesh, steps=steps, state=state,
+                        **timing)
+    del state  # donated: the next point's table is the only one alive
+    out.append({"rows": n, "devices": model_devices,
+                "table_spec": str(spec),
+                "table_bytes": n * config.model.embed_dim * 4,
+                "init_s": init_s, **r})
+    print(f"  rows={n:.0e} devices={model_devices}: "
+          f"{r['step_s'] * 1e3:.1f} ms/step, "
+          f"{r.get('peak_bytes', 0) / 2**20:.1f} MiB/device", flush=True)
+  return out
+
+
+def run_worker(script: str, args: list[str], devices: int,
+               timeout: float = 600) -> Any:
+  """`script --worker ARGS` in a fresh process (on N fake CPU devices if N > 1).
+
+  Fake devices (XLA_FLAGS=--xla_force_host_platform_device_count) exist only
+  in a process that sets the flag before JAX starts. The worker prints its
+  result as one 'RESULT <json>' line; its other output is passed through.
+  """
+  env = dict(os.environ)
+  if devices > 1:  # fake devices are CPU devices
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_"
+                        f"platform_device_count={devices}")
+  # As `python -m benchmarks.NAME` from the repository root, so that the
+  # worker imports like its parent whether or not the package is installed.
+  script = os.path.abspath(script)
+  module = "benchmarks." + os.path.splitext(os.path.basename(script))[0]
+  proc = subprocess.run([sys.executable, "-m", module, "--worker", *args],
+                        env=env, cwd=os.path.dirname(os.path.dirname(script)),
+                        capture_output=True, text=True, timeout=timeout)
+  sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines()
+                           if not line.startswith("RESULT ")))
+  if proc.returncode:
+    raise RuntimeError(f"{os.path.basename(script)} worker on {devices} "
+                       f"device(s) failed:\n{proc.stderr[-3000:]}")
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])

@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
-from csctr.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+from benchmarks import step_timing
+from csctr.training import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Experiment config file.",

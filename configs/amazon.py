@@ -27,6 +27,8 @@ from csctr import configlib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.dataset = "amazon"
+  # data/amazon/convert.py symlinks the downloaded images (--link=symlink).
+  config.byod.allow_external_links = True
   config.loss = "bpr"
   config.data.image_size = 64
   # Reviews rarely share an item within a batch: smaller groups, more of them.

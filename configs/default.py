@@ -42,6 +42,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.groups_per_batch = 8  # G groups; B = G * K impression slots
   config.data.unique_images = 8  # U rows of the unique-image table (>= G)
   config.data.num_behaviors = 0  # L behaviour images per impression (DICM)
+  # Vocabularies (csctr/data/vocab.py), built on the train split: ids seen
+  # fewer than min_count times there share the OOV row 0 with the ids never
+  # seen (cold items then get the row rare items trained); hash_buckets > 0
+  # hashes those ids into that many extra rows instead.
+  # Item images in the prepared dataset (csctr/data/image_store.py): raw
+  # uint8 | png (lossless) | jpeg | original (the files' bytes, Beam path);
+  # encoded ones are decoded in the Grain map.
+  config.data.image_storage = "raw"
+  config.data.min_count = 1
+  config.data.hash_buckets = 0
   config.data.eval_groups_per_batch = 32
   config.data.eval_unique_images = 32
   config.data.worker_count = 0  # Grain worker processes (0 = in-process)
@@ -82,7 +92,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.byod.resize = "pad"  # pad (white letterbox) | stretch | crop
   config.byod.skip_bad_images = True  # False: a bad image is an error
   config.byod.image_cache_mb = 512  # keep decoded images if they fit
+  # impressions: '' = impressions.csv | impressions.parquet | impressions/
+  # (a folder of Parquet files) in byod_path; else a file, folder or glob.
+  config.byod.impressions = ""
+  # An image symlink resolving outside byod_path is refused unless True.
+  config.byod.allow_external_links = False
   config.byod.num_threads = 0  # image decoding threads (0: min(8, cpus))
+
+  # python -m csctr.prepare on a Beam runner (csctr/data/beam_prepare.py,
+  # docs/data.md): ArrayRecord shards per split (~10^6 impressions each)
+  # and image store shards. How, not what: not in the dataset's cache key.
+  config.beam = ml_collections.ConfigDict()
+  config.beam.num_shards = 8
+  config.beam.image_shards = 8
 
   config.model = ml_collections.ConfigDict()
   config.model.use_image = True  # False: the no-image DCN baseline
@@ -101,6 +123,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.spatial_kernel = 7
   config.model.visual_dim = 32  # d, the visual embedding size
   config.model.embed_dim = 16  # ID embedding size
+  # ID tables get rows up to a multiple of this, so that they split evenly
+  # over the devices they are sharded on (mesh.embedding_axes): their
+  # device count must divide it (csctr/model/embeddings.py).
+  config.model.table_row_multiple = 64
+  # Training only: each ID becomes the OOV row 0 with this probability, so
+  # the row cold ids are served from is trained (csctr/model/embeddings.py).
+  config.model.id_dropout = 0.0
   config.model.behavior_pooling = "none"  # none | sum | max | attentive | multi_query
   config.model.head = "dcn"  # dcn | dcnv2 | lr | dnn
   config.model.cross_layers = 3
@@ -109,13 +138,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # float32 | bfloat16 (compute; params stay f32)
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.embed_optimizer = "adagrad"  # adagrad | adam | sgd
+  # ID tables: updated on the rows a batch touches only, by one of
+  # sgd | adagrad | rowwise_adagrad | lazy_adam (csctr/model/embeddings.py).
+  config.optim.embed_optimizer = "adagrad"
   config.optim.embed_lr = 0.05
+  config.optim.embed_initial_accumulator = 0.1  # adagrad, rowwise_adagrad
+  config.optim.embed_eps = 1e-7  # adagrad: under the sqrt; lazy_adam: added
+  config.optim.embed_b1 = 0.9  # lazy_adam
+  config.optim.embed_b2 = 0.999  # lazy_adam
   config.optim.dense_optimizer = "adamw"  # adamw | adam | sgd
   config.optim.lr = 2e-3
   config.optim.weight_decay = 1e-4
   config.optim.warmup_steps = 100
   config.optim.schedule = "cosine"  # cosine | constant
+  # Joint global norm of the dense gradients and the touched table rows'.
   config.optim.clip_norm = 1.0
 
   config.loss = "bce"  # bce | bpr
@@ -128,12 +164,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Device mesh: axis sizes for ('data', 'model'); -1 fills with the devices left.
   config.mesh = ml_collections.ConfigDict()
   config.mesh.shape = (-1, 1)
-  config.mesh.shard_embeddings = False  # row-shard ID tables on 'model'
+  config.mesh.shard_embeddings = False  # row-shard ID tables ...
+  # ... over these axes: ("model",), or ("data", "model") for every device.
+  config.mesh.embedding_axes = ("model",)
   # Lay 'model' across processes (hosts) instead of within one: for ID tables
   # larger than a host; replica hosts then feed identical data blocks.
   config.mesh.model_across_processes = False
   # FSDP: shard every leaf of >= fsdp_min_size elements (params and optimizer
-  # slots) along its largest dim that divides over 'data' (csctr/training/mesh.py,
+  # slots) along its largest dim that divides over 'data' (csctr/training/loop.py,
   # SHARDING_RULES); smaller ones stay replicated.
   config.mesh.fsdp = False
   config.mesh.fsdp_min_size = 1 << 18

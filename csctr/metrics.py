@@ -14,6 +14,11 @@ from typing import Any
 
 import numpy as np
 
+# The metrics of one evaluation: an eval record (csctr/rundir.py) is
+# {"step", "split"} plus these; bayes_auc only when the data is simulated.
+EVAL_FIELDS = ("auc", "gauc", "logloss", "calibration", "cold_auc",
+               "num_impressions", "bayes_auc")
+
 
 def _grouped_auc(labels: np.ndarray, scores: np.ndarray,
                  groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +107,9 @@ def compute_metrics(logits: np.ndarray, labels: np.ndarray,
       beside the model's AUC as its ceiling.
 
   Returns:
-    auc, gauc, logloss, calibration (mean prediction / mean label: 1 is
-    calibrated), cold_auc (NaN without cold impressions of both classes),
-    num_impressions, and bayes_auc when known.
+    EVAL_FIELDS: auc, gauc, logloss, calibration (mean prediction / mean
+    label: 1 is calibrated), cold_auc (NaN without cold impressions of both
+    classes), num_impressions, and bayes_auc when known.
   """
   labels = np.asarray(labels, np.float64).reshape(-1)
   probs = sigmoid(logits).reshape(-1)

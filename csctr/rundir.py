@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -25,7 +26,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from csctr import storage
+from csctr import metrics
 from csctr.data import batch as batch_lib
+from csctr.data import vocab as vocab_lib
 from csctr.model import ctr
 
 METRICS_FILE = "eval_metrics.jsonl"
@@ -39,6 +42,33 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def checkpoint_dir(workdir: str) -> str:
   return storage.join(workdir, CHECKPOINTS_DIR)
+
+
+def eval_record(step: int, split: str,
+                values: dict[str, Any]) -> dict[str, Any]:
+  """One line of METRICS_FILE: step, split and metrics.EVAL_FIELDS.
+
+  NaN (an undefined AUC) is written as null: strict JSON has no NaN.
+  """
+  unknown = set(values) - set(metrics.EVAL_FIELDS)
+  if unknown:
+    raise ValueError(f"eval values {sorted(unknown)} are not in "
+                     f"metrics.EVAL_FIELDS {metrics.EVAL_FIELDS}")
+  return {"step": step, "split": split, **metrics.json_safe(values)}
+
+
+def latest_committed_step(workdir: str) -> int | None:
+  """The newest committed checkpoint step, from directory names alone.
+
+  Orbax writes a step into a tmp directory and renames it to the bare step
+  number when complete (and, on object stores, adds commit_success.txt), so
+  a digit-named directory is committed; asked every few seconds, this must
+  not open a CheckpointManager.
+  """
+  root = checkpoint_dir(workdir)
+  steps = [int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
+           if n.isdigit()]
+  return max(steps, default=None)
 
 
 def read_eval_log(workdir: str) -> list[dict[str, Any]]:
@@ -85,6 +115,20 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
                      json.loads(config.to_json_best_effort()))
   storage.write_json(storage.join(workdir, DATA_INFO_FILE),
                      {**info.to_json(), "data_path": data_path})
+  # The vocabularies travel with the run: serving maps raw ids with them
+  # even after the dataset cache is cleared or on another machine.
+  source = os.path.join(data_path, vocab_lib.VOCAB_DIR)
+  if os.path.isdir(source):
+    target = os.path.join(workdir, vocab_lib.VOCAB_DIR)
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(source):
+      shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
+def load_vocabularies(workdir: str) -> dict[str, vocab_lib.Vocabulary]:
+  """The raw-id vocabularies of the run's dataset ({} when it has none:
+  simulated datasets, whose ids are rows)."""
+  return vocab_lib.load_vocabularies(workdir)
 
 
 def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,

@@ -26,3 +26,8 @@ def trained_tiny_workdir(tmp_path_factory) -> str:
   config.checkpoint_every = 0
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: end-to-end tests over ~30 s (CI still runs them)")

@@ -8,21 +8,20 @@ config.model.encoder_init) is tested on the tiny config.
 import dataclasses
 import json
 import os
-import sys
 
 from flax import nnx
 import jax
 import numpy as np
 import pytest
 
+from benchmarks import ablations
+from benchmarks import ablations_results as results
 from configs import tiny
 from csctr.model import ctr
 from csctr.training import optim
 from csctr import rundir
 from csctr.training import loop as train
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import ablations  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SMOKE = ablations.Mode(
     "smoke", seeds=2, dicm_seeds=1, vary_data_seed=True,
@@ -32,7 +31,7 @@ SMOKE = ablations.Mode(
 # A made-up metric surface: variant quality + a seed effect, so every mean,
 # std and paired difference below is known in closed form.
 QUALITY = {v: 0.01 * i for i, v in enumerate(
-    list(ablations.VARIANTS) + list(ablations.DICM_VARIANTS))}
+    list(results.VARIANTS) + list(results.DICM_VARIANTS))}
 
 
 def _stub_runner(calls):
@@ -77,18 +76,18 @@ def test_grid_order_and_overrides():
 
 
 def test_stats_and_verdicts():
-  mean, std, n = ablations.mean_std([0.70, 0.72, None, float("nan"), 0.74])
+  mean, std, n = results.mean_std([0.70, 0.72, None, float("nan"), 0.74])
   assert n == 3 and mean == pytest.approx(0.72)
   assert std == pytest.approx(np.std([0.70, 0.72, 0.74], ddof=1))
-  assert np.isnan(ablations.mean_std([0.7])[1])
-  assert ablations.verdict(0.01, 0.001, 3) == "holds"
-  assert ablations.verdict(-0.01, 0.001, 3) == "reversed"
-  assert ablations.verdict(0.001, 0.01, 3) == "within noise"
+  assert np.isnan(results.mean_std([0.7])[1])
+  assert results.verdict(0.01, 0.001, 3) == "holds"
+  assert results.verdict(-0.01, 0.001, 3) == "reversed"
+  assert results.verdict(0.001, 0.01, 3) == "within noise"
   # A paired t-test, not 2 standard errors: with 3 seeds t_{0.975,2} = 4.30.
-  assert ablations.verdict(0.01, 0.005, 3) == "within noise"
-  assert ablations.verdict(0.01, 0.005, 11) == "holds"  # t_{0.975,10} = 2.23
-  assert ablations.verdict(0.001, float("nan"), 1) == "holds?"
-  assert ablations.verdict(float("nan"), float("nan"), 0) == "not run"
+  assert results.verdict(0.01, 0.005, 3) == "within noise"
+  assert results.verdict(0.01, 0.005, 11) == "holds"  # t_{0.975,10} = 2.23
+  assert results.verdict(0.001, float("nan"), 1) == "holds?"
+  assert results.verdict(float("nan"), float("nan"), 0) == "not run"
 
 
 def test_run_grid_aggregates_writes_and_resumes(tmp_path):
@@ -155,12 +154,18 @@ def test_run_grid_aggregates_writes_and_resumes(tmp_path):
                              log=lambda _: None)
   assert ([(r["variant"], r["auc"]["mean"]) for r in again["summary"]]
           == [(r["variant"], r["auc"]["mean"]) for r in result["summary"]])
-  # One more cell: only it runs.
+  # One more cell: only it runs; a hand-written tail of results.md is kept.
+  tail = f"{results.KEEP_MARKER}\n## By hand\n\n| x | 1 |\n"
+  with open(os.path.join(out, "results.md"), "a") as f:
+    f.write(tail)
   calls.clear()
   more = cells + [ablations.Cell("synthetic", "se", 0)]
   ablations.run_grid(more, SMOKE, out, work, _stub_runner(calls),
                      log=lambda _: None)
   assert [w.split(os.sep)[-2] for _, w in calls] == ["se"]
+  md = open(os.path.join(out, "results.md")).read()
+  assert md.endswith(tail) and md.count(results.KEEP_MARKER) == 1
+  assert "| se |" in md
 
 
 def test_encoder_init_loads_a_frozen_pretrained_encoder(tmp_path):
@@ -203,7 +208,7 @@ def test_readme_table_is_rewritten_between_markers(tmp_path):
        "bayes_auc": {"mean": 0.8, "std": 0.0},
        "bayes_auc_cold": {"mean": 0.81, "std": 0.0}}
       for v, a in (("cscnn", 0.7), ("no_image", 0.6))]
-  table = ablations.readme_table(rows)
+  table = results.readme_table(rows)
   lines = table.splitlines()
   assert lines[0] == "| model | synthetic AUC | synthetic cold AUC |"
   # Variants come in the grid's order, whatever order the rows are in.
@@ -211,12 +216,12 @@ def test_readme_table_is_rewritten_between_markers(tmp_path):
   assert lines[3] == "| cscnn | 0.700 ± 0.010 | 0.600 |"
   assert lines[4] == "| Bayes-optimal | 0.800 | 0.810 |"
   readme = tmp_path / "README.md"
-  readme.write_text(f"intro\n{ablations.README_BEGIN}\nold table\n"
-                    f"{ablations.README_END}\noutro\n")
-  assert ablations.update_readme(str(readme), table)
-  assert readme.read_text() == (f"intro\n{ablations.README_BEGIN}\n{table}\n"
-                                f"{ablations.README_END}\noutro\n")
+  readme.write_text(f"intro\n{results.README_BEGIN}\nold table\n"
+                    f"{results.README_END}\noutro\n")
+  assert results.update_readme(str(readme), table)
+  assert readme.read_text() == (f"intro\n{results.README_BEGIN}\n{table}\n"
+                                f"{results.README_END}\noutro\n")
   plain = tmp_path / "plain.md"
   plain.write_text("no markers\n")
-  assert not ablations.update_readme(str(plain), table)
+  assert not results.update_readme(str(plain), table)
   assert plain.read_text() == "no markers\n"

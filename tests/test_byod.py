@@ -71,11 +71,13 @@ def make_dataset(root: pathlib.Path, impressions=IMPRESSIONS,
   return root
 
 
-def make_config(root, num_behaviors=3, **byod_options):
+def make_config(root, num_behaviors=3, min_count=1, hash_buckets=0,
+                **byod_options):
   config = default.get_config()
   config.dataset = "byod"
   config.byod_path = str(root)
   config.data.image_size, config.data.num_behaviors = SIZE, num_behaviors
+  config.data.min_count, config.data.hash_buckets = min_count, hash_buckets
   config.byod.update(byod_options)
   return config
 
@@ -83,6 +85,29 @@ def make_config(root, num_behaviors=3, **byod_options):
 def collect(source, split):
   chunks = list(source.impressions(split))
   return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def test_min_count_and_hash_buckets(tmp_path):
+  """Rare train values join OOV; hashing gives unknown values own rows."""
+  source = byod.make_source(make_config(make_dataset(tmp_path), min_count=2))
+  # 'tablet' was seen once in train: OOV now, and counted as such.
+  assert source.vocabularies["device"].ids == ("mobile", "desktop")
+  assert source.vocabularies["device"].oov_count == 1
+  assert source.vocab_sizes == (4, 4, 3, 3)
+  train = collect(source, "train")
+  np.testing.assert_array_equal(train["sparse"][4], [2, 2, 1, 0])
+  hashed = byod.make_source(make_config(make_dataset(tmp_path / "h"),
+                                        hash_buckets=3))
+  assert hashed.vocab_sizes == (7, 7, 3, 7)  # 3 bucket rows per vocabulary
+  test = collect(hashed, "test")
+  # The unseen user u4, cold items d and e, device 'watch': bucket rows
+  # past the kept ids, the same ones Vocabulary.row gives; still cold.
+  v = hashed.vocabularies
+  np.testing.assert_array_equal(test["sparse"][:, 1],
+                                [v["item_id"].row("d"), v["item_id"].row("e")])
+  assert (test["sparse"][:, 1] > 3).all() and test["is_cold"].all()
+  assert test["sparse"][0, 0] == v["user_id"].row("u4") > 3
+  assert test["sparse"][0, 3] == v["device"].row("watch") > 3
 
 
 def images_by_row(source):
@@ -108,14 +133,20 @@ def test_vocab_split_cold_and_behaviour(tmp_path):
   np.testing.assert_array_equal(train["impression_id"], [0, 1, 2, 4, 5, 6, 7,
                                                          9])
   np.testing.assert_array_equal(test["impression_id"], [3, 8])
+  # Vocabulary rows: most train impressions first, ties by id (vocab.py):
+  # users u1 u2 (3 each) u3 (2); items a c (3 each) b (2); devices mobile (4)
+  # desktop (2) tablet (1); categories: the train ones, sorted.
+  assert source.vocabularies["item_id"].ids == ("a", "c", "b")
+  assert source.vocabularies["device"].ids == ("mobile", "desktop", "tablet")
+  assert source.vocabularies["category_id"].ids == ("hats", "shoes")
   # Test rows: (u4, d, watch) all unseen -> 0; (u1, e, mobile).
-  np.testing.assert_array_equal(test["sparse"], [[0, 0, 0, 0], [1, 0, 1, 2]])
+  np.testing.assert_array_equal(test["sparse"], [[0, 0, 0, 0], [1, 0, 1, 1]])
   np.testing.assert_array_equal(test["item"], [3, 4])
   np.testing.assert_array_equal(test["is_cold"], [True, True])
   assert not train["is_cold"].any()
   # Train row 4: (u3, a, device '') -> empty extra value is OOV.
   np.testing.assert_array_equal(train["sparse"][3], [3, 1, 2, 0])
-  np.testing.assert_array_equal(train["sparse"][1], [2, 2, 2, 1])
+  np.testing.assert_array_equal(train["sparse"][1], [2, 3, 2, 2])
   np.testing.assert_array_equal(train["label"], [1, 0, 1, 0, 1, 1, 0, 1])
   # GAUC user ids: dense over all users in file order, unseen u4 included.
   np.testing.assert_array_equal(test["user_id"], [2, 0])

@@ -140,3 +140,48 @@ def test_meta_is_json_with_the_model_config(table_path):
     meta = json.load(f)
   assert meta["format_version"] == export.FORMAT_VERSION
   assert meta["model"]["visual_dim"] == meta["d"]
+
+
+def test_incremental_export_embeds_only_new_items(workdir, restored,
+                                                  tmp_path):
+  model, _, info, _ = restored
+  rng = np.random.default_rng(1)
+  s = info.image_size
+  images = rng.integers(0, 256, (9, s, s, 3), dtype=np.uint8)
+  categories = rng.integers(0, info.num_categories, 9).astype(np.int32)
+  ids = np.array([40, 10, 30, 20, 90, 70, 60, 50, 80])
+  raw = np.array([f"sku-{i}" for i in ids])
+  day1, day2 = str(tmp_path / "day1.npz"), str(tmp_path / "day2.npz")
+  np.savez(day1, images=images[:4], categories=categories[:4], ids=ids[:4],
+           raw_ids=raw[:4])
+  changed = images.copy()
+  changed[:4] = 0  # day 2 lists the old items again, with other pixels
+  np.savez(day2, images=changed, categories=categories, ids=ids, raw_ids=raw)
+  base = export.export(workdir, images=day1, output=str(tmp_path / "t" / "6"),
+                       progress=False)
+  out = export.export(workdir, images=day2, base_table=base, progress=False)
+  assert out == str(tmp_path / "t" / "6.1")  # the next version beside it
+  old, new = export.EmbeddingTable(base), export.EmbeddingTable(out)
+  assert (new.meta["new_rows"], new.meta["num_rows"]) == (5, 9)
+  assert new.meta["base_table"] == base
+  np.testing.assert_array_equal(new.ids, np.sort(ids))
+  rows, _ = new.lookup(old.ids)  # old rows copied bit for bit, not re-embedded
+  np.testing.assert_array_equal(new.embeddings[rows], old.embeddings)
+  rows, _ = new.lookup(ids[4:])
+  expected = np.asarray(jax.jit(model.encode_images)(images[4:],
+                                                     categories[4:]))
+  np.testing.assert_allclose(new.embeddings[rows], expected, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(new.raw_keys(["sku-90", "sku-10", "nope"]),
+                                [90, 10, -1])
+  np.testing.assert_array_equal(new.categories[new.lookup(ids)[0]],
+                                categories)
+  assert export.next_version(out) == str(tmp_path / "t" / "6.2")
+  moved = nnx.clone(model)  # another checkpoint's base is refused
+  nnx.update(moved.encoder, jax.tree.map(
+      lambda x: x + 1e-3, nnx.state(moved.encoder, nnx.Param)))
+  meta = {**old.meta, "encoder_hash": export.encoder_hash(moved)}
+  with open(os.path.join(base, export.META_FILE), "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(ValueError, match="another checkpoint"):
+    export.export(workdir, images=day2, base_table=base, progress=False)

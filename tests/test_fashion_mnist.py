@@ -11,6 +11,7 @@ from configs import default
 from csctr.data import fashion_mnist
 from csctr.data import pipeline
 from csctr.data import prepared
+import testutil
 
 
 def _write_idx(path, array):
@@ -108,7 +109,8 @@ def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   np.testing.assert_array_equal(cold, ~np.isin(items, train_items))
   assert cold[items >= 32].all() and (items >= 32).any()
   batch = next(pipeline.train_iterator(config, path))
-  assert batch["images"].shape == (8, 16, 16, 3)
+  size = config.data.image_size
+  assert batch["images"].shape == (config.data.unique_images, size, size, 3)
   assert not batch["is_cold"].any()
   # Within a category the visual score depends on the pixels: not constant.
   score, style = fashion_mnist.visual_latents(
@@ -117,3 +119,11 @@ def test_prepared_dataset_uses_real_pixels_and_cold_t10k_items(tmp_path):
   for c in range(1, 11):
     assert np.ptp(score[arrays["train"][1] + 1 == c]) > 0.1
   assert set(np.unique(style)) <= set(range(4))
+
+
+def test_min_count_sends_rare_train_items_to_the_oov_row(tmp_path):
+  root = tmp_path / "files"
+  root.mkdir()
+  _fake_files(str(root))
+  testutil.check_min_count_and_hashing(fashion_mnist.make_source,
+                                       _config(tmp_path, root), min_count=30)

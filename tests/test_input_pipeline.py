@@ -184,14 +184,13 @@ def test_behavior_overflow_is_masked_and_counted(ds):
 # Grain's worker processes read absl flags: without them parsed the pipeline
 # says so (it does not parse them itself); parsed, workers change no batch.
 _WORKERS = """
-import sys
+import json, sys
 from absl import flags
+import ml_collections
 import numpy as np
 from csctr.data import pipeline
-from tests.test_synthetic import tiny_config
-config = tiny_config(sys.argv[1], num_behaviors=3)
-config.data.groups_per_batch, config.data.unique_images = 4, 8
-path = pipeline.prepare_dataset(config)
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+path = pipeline.prepare_dataset(config)  # the fixture's: already prepared
 config.data.worker_count = 1
 try:
   pipeline.train_iterator(config, path)
@@ -210,8 +209,8 @@ print("same batches")
 
 
 def test_worker_processes_need_parsed_flags_and_change_no_batch(ds):
-  config, path, _, _ = ds
-  proc = subprocess.run([sys.executable, "-c", _WORKERS, config.data_dir],
+  config, _, _, _ = ds
+  proc = subprocess.run([sys.executable, "-c", _WORKERS, config.to_json()],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().endswith("same batches")

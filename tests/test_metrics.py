@@ -71,6 +71,8 @@ def test_logloss_and_compute_metrics_match_sklearn():
   np.testing.assert_allclose(out["calibration"], probs.mean() / labels.astype(np.float64).mean(),
                              rtol=1e-12)
   assert out["bayes_auc"] == 0.8 and out["num_impressions"] == n
+  assert tuple(out) == metrics.EVAL_FIELDS
+  assert "bayes_auc" not in metrics.compute_metrics(logits, labels, users, cold)
 
 
 def test_collector_drops_padding():

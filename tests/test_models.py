@@ -12,6 +12,7 @@ from configs import default
 from csctr.data import batch as batch_lib
 from csctr.model import heads
 from csctr.model import ctr
+from csctr.model import embeddings
 from testutil import jit_o0, rbg_rngs
 
 INFO = batch_lib.DataInfo(
@@ -20,6 +21,9 @@ INFO = batch_lib.DataInfo(
     num_behaviors=3)
 G, K, U = 3, 4, 6
 B = G * K
+# Table rows: each vocabulary padded to model.table_row_multiple.
+TABLE_ROWS = sum(embeddings.padded_rows(
+    v, default.get_config().model.table_row_multiple) for v in INFO.vocab_sizes)
 
 
 def _config(**overrides):
@@ -230,7 +234,7 @@ def test_no_image_baseline():
   assert jit_o0(lambda m, b: m.score(b, None))(m, b).shape == (B,)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   in_dim = 4 * 3 + 2
-  assert n == sum(INFO.vocab_sizes) * 3 + heads.head_num_params(
+  assert n == TABLE_ROWS * 3 + heads.head_num_params(
       "dcn", in_dim, 2, 0, (8,))
 
 
@@ -257,7 +261,7 @@ def test_model_param_count_by_formula(model):
   cnn = (27 * 4 + 4 + attn(4, s)) + (36 * 8 + 8 + attn(8, s // 2)) + 8 * d + d
   din = 4 * d * 80 + 80 + 80 * 40 + 40 + 40 + 1  # attentive pooling unit
   in_dim = 4 * e + 2 + d + d
-  assert n == (sum(INFO.vocab_sizes) * e + cnn + din
+  assert n == (TABLE_ROWS * e + cnn + din
                + heads.head_num_params("dcn", in_dim, 2, 0, (8,)))
 
 

@@ -71,7 +71,9 @@ def _command(workdir, data_dir, hang_in_save=None):
   return [sys.executable, *run, "--config=configs/tiny.py",
           f"--config.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
           "--config.eval_every=12", "--config.checkpoint_every=6",
-          f"--workdir={workdir}"]
+          # ID dropout draws from the checkpointed rng: resume must redraw
+          # exactly what the uninterrupted run drew.
+          "--config.model.id_dropout=0.1", f"--workdir={workdir}"]
 
 
 def _run(workdir, data_dir, env):

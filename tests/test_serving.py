@@ -14,7 +14,7 @@ from csctr.data import pipeline
 from csctr.model import ctr
 from csctr import serving
 from csctr import rundir
-from csctr.training import steps as steps_lib
+import testutil
 
 ATOL = 1e-5
 
@@ -48,21 +48,10 @@ def _request(user, sparse, image_ids, **extra):
 def test_scores_equal_the_trainers_eval_logits(workdir, scorer, restored):
   model, config, info, _ = restored
   _, _, data_path = rundir.load_run_files(workdir)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  eval_step = jax.jit(steps_lib.make_eval_step(graphdef))  # the trainer's own
-  state = {"params": params, "rest": rest}
-  groups = pipeline.groups_source(data_path, "test")
   images = np.load(os.path.join(data_path, "images.npy"))
-  g, k = config.data.eval_groups_per_batch, config.data.group_size
   compared = 0
-  for b, batch in enumerate(pipeline.eval_batches(config, data_path)):
-    logits = np.asarray(eval_step(state, batch)["logits"])
-    # The image id of a slot is the item of its group record.
-    item = np.full(g * k, -1)
-    for j in range(g):
-      if b * g + j < len(groups):
-        item[j * k:(j + 1) * k] = groups[b * g + j]["item"]
-    real = np.flatnonzero(batch["weight"] > 0)
+  for batch, logits, item, real in testutil.trainer_eval_slots(workdir,
+                                                               data_path):
     np.testing.assert_array_equal(  # the mapping is right: same pixels
         batch["images"][batch["ad_image"][real]], images[item[real]])
     users = batch["sparse"][real, 0]
@@ -81,8 +70,9 @@ def _candidates(workdir, n, seed=0):
   _, _, data_path = rundir.load_run_files(workdir)
   info = pipeline.load_info(data_path)
   rng = np.random.default_rng(seed)
-  items = rng.integers(0, 120, n)
-  category = np.load(os.path.join(data_path, "item_category.npy"))[items]
+  item_category = np.load(os.path.join(data_path, "item_category.npy"))
+  items = rng.integers(0, len(item_category), n)
+  category = item_category[items]
   sparse = np.stack([rng.integers(1, v, n) for v in info.vocab_sizes], 1)
   sparse[:, 2] = category
   images = np.load(os.path.join(data_path, "images.npy"))[items]
@@ -128,9 +118,10 @@ def test_unknown_ids_go_to_oov_rows(workdir, scorer):
   oov = sparse.copy()
   oov[:, 1] = 0
   base = scorer.score(_request(0, oov, items)).logits
-  for user in (10**6, -3, 62):  # 62 = vocab size: one past the last row
+  users, item_ids = scorer.info.vocab_sizes[:2]  # one past the last rows
+  for user in (10**6, -3, users):
     bad = sparse.copy()
-    bad[:, 1] = [10**7, -1, 97, 10**9, -5]  # item vocab has 97 rows
+    bad[:, 1] = [10**7, -1, item_ids, 10**9, -5]
     np.testing.assert_array_equal(
         scorer.score(_request(user, bad, items)).logits, base)
 
@@ -228,11 +219,12 @@ def test_dicm_behaviours_and_dense_match_the_model(tmp_path):
                      categories[cand], rng.integers(0, 5, n)], 1)
   dense = rng.normal(size=(n, 2)).astype(np.float32)
   behavior = [104, 999, 111]  # 999: not in the table -> masked, counted
-  result = scorer.score({
+  request = {
       "user": {"user_id": 7}, "behavior_ids": np.array(behavior),
       "candidates": {"image_id": 100 + cand, "item_id": sparse[:, 1],
                      "category_id": sparse[:, 2], "position": sparse[:, 3],
-                     "dense": dense}})
+                     "dense": dense}}
+  result = scorer.score(request)
   assert result.behavior_misses == 1 and result.misses == 0
 
   rows = np.concatenate([cand, [4, 0, 11]])  # unique-image table, contract
@@ -243,6 +235,16 @@ def test_dicm_behaviours_and_dense_match_the_model(tmp_path):
            "sparse": sparse.astype(np.int32), "dense": dense}
   expected = np.asarray(jax.jit(lambda b: model(b))(batch))
   np.testing.assert_allclose(result.logits, expected, atol=ATOL)
+
+  # Merged requests (as the server's micro-batches): each request keeps its
+  # own behaviours; 13 rows over buckets of 8 split across requests.
+  other = {"user": {"user_id": 2}, "behavior_ids": np.array([111, 127]),
+           "candidates": {k: v[:3] for k, v in request["candidates"].items()}}
+  merged = scorer.score_many([request, other, request])
+  for got, alone in zip(merged, [result, scorer.score(other), result]):
+    np.testing.assert_allclose(got.logits, alone.logits, atol=1e-6)
+    assert got.behavior_misses == alone.behavior_misses
+  assert [len(r.logits) for r in merged] == [5, 3, 5]
 
 
 def test_stablehlo_round_trip(scorer, tmp_path):
@@ -255,10 +257,13 @@ def test_stablehlo_round_trip(scorer, tmp_path):
   rng = np.random.default_rng(4)
   sparse = np.stack([rng.integers(0, v, 16) for v in scorer.info.vocab_sizes],
                     1).astype(np.int32)
-  ad = np.asarray(scorer.table.embeddings[rng.integers(0, 120, 16)])
+  ad = np.asarray(scorer.table.embeddings[rng.integers(0, len(scorer.table),
+                                                      16)])
   args = (sparse, np.zeros((16, 0), np.float32), ad,
           np.zeros((0, ad.shape[1]), np.float32), np.zeros((0,), bool))
   np.testing.assert_allclose(
       np.asarray(exported.call(*args)),
-      np.asarray(scorer._score_jit(scorer._state, *args)),  # pylint: disable=protected-access
+      np.asarray(scorer._score_jit(  # pylint: disable=protected-access
+          scorer._state, *args[:3], args[3][None], args[4][None],  # pylint: disable=protected-access
+          np.zeros(16, np.int32))),
       atol=1e-6)

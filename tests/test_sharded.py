@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from configs import tiny
 from csctr.training import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,12 +105,12 @@ def test_meshes_place_state_as_configured(results):
   assert {axes(s) for s in res["dp8"]["specs"].values()} == {()}
   specs = {k: axes(v) for k, v in res["dp4_mp2"]["specs"].items()}
   shapes = {k: v.shape for k, v in params["dp4_mp2"].items()}
-  # 62 user rows and 4 category rows split over model=2.
-  for feature in ("user_id", "category_id"):
+  # Every table is padded to model.table_row_multiple rows (e.g. 97 item ids
+  # -> 128 rows), so every one splits over model=2: none is replicated.
+  multiple = tiny.get_config().model.table_row_multiple
+  for feature in ("user_id", "item_id", "category_id", "position"):
     assert specs[f"id_embed/{feature}/embedding/value"] == ("model",)
-  # 97 item rows do not divide over 'model': the table falls through to the
-  # FSDP rule, whose largest dim dividing over data=4 is the embedding one.
-  assert specs["id_embed/item_id/embedding/value"] == (None, "data")
+    assert shapes[f"id_embed/{feature}/embedding/value"][0] % multiple == 0
   # FSDP: the largest dim that divides over data=4, for big enough leaves.
   assert specs["head/mlp/layers/0/kernel/value"] == ("data",)  # (24, 16)
   # Ties go to the first dim: (3, 3, 8, 8), 576 elements; (4, 16, 16).
@@ -129,18 +130,24 @@ def test_sharding_table_by_rule():
   # The rules read only the axis sizes, so no devices are needed.
   mesh = types.SimpleNamespace(shape={"data": 4, "model": 2})
 
-  def spec(path, shape, shard=True, fsdp=True, min_size=1024):
+  def spec(path, shape, shard=True, fsdp=True, min_size=1024,
+           axes=("model",)):
     return mesh_lib.partition_spec(tuple(path.split("/")), shape, mesh, shard,
-                                fsdp, min_size)
+                                   fsdp, min_size, axes)
 
   table = "params/id_embed/user_id/embedding"
-  slot = "opt_state/1/inner_states/embed/inner_state/0/sum_of_squares/" + table[7:]
+  slot = "embed_opt/accumulator/" + table[7:]
   assert spec(table, (1000, 16)) == P("model", None)
   assert spec(slot, (1000, 16)) == P("model", None)  # follows its table
+  assert spec(slot, (1000,)) == P("model")  # a row-wise accumulator too
   assert spec(table, (1000, 16), shard=False) == P("data", None)  # FSDP
   assert spec(table, (1000, 16), shard=False, fsdp=False) == P()
-  # Odd rows: not over 'model'; FSDP takes the dim that divides over 'data'.
-  assert spec(table, (1001, 16)) == P(None, "data")
+  # Over every device, by mesh.embedding_axes.
+  assert spec(table, (1000, 16), axes=("data", "model")) == P(
+      ("data", "model"), None)
+  # Rows that do not split are an error, never a silent replication.
+  with pytest.raises(ValueError, match="table_row_multiple"):
+    spec(table, (1001, 16))
   kernel = "params/head/mlp/layers/0/kernel"
   assert spec(kernel, (96, 4096)) == P(None, "data")  # the largest dim
   assert spec(kernel, (512, 512)) == P("data", None)  # ties: the first

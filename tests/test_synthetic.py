@@ -7,6 +7,7 @@ import sklearn.metrics
 from configs import default
 from csctr.data import pipeline
 from csctr.data import synthetic
+import testutil
 
 
 def tiny_config(data_dir="", seed=0, num_behaviors=3):
@@ -71,6 +72,11 @@ def test_cold_items_absent_from_train_flagged_and_oov():
   assert (test["sparse"][~test["is_cold"], item_col] > 0).all()
   assert (train["sparse"][:, item_col] > 0).all()
   assert train["sparse"][:, item_col].max() < source.vocab_sizes[item_col]
+
+
+def test_min_count_sends_rare_train_items_to_the_oov_row(tmp_path):
+  testutil.check_min_count_and_hashing(synthetic.make_source,
+                                       tiny_config(tmp_path))
 
 
 def test_bayes_auc_is_auc_of_true_ctr_on_test(tmp_path):

@@ -13,6 +13,8 @@ from configs import tiny
 from csctr.training import checkpointing
 from csctr.training import losses
 from csctr.training import mesh as mesh_lib
+from csctr import configlib
+from csctr import metrics
 from csctr import rundir
 from csctr.training import loop as train
 
@@ -26,11 +28,7 @@ def _config(data_dir, **overrides):
   config = tiny.get_config()
   config.data_dir = data_dir
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    configlib.set_path(config, key, value)
   return config
 
 
@@ -43,23 +41,31 @@ def test_train_evaluate_checkpoint_and_resume(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = _config(data_dir)
   record = train.train_and_evaluate(config, workdir)
+  total, s = config.num_train_steps, config.synthetic
+  every, keep = config.checkpoint_every, config.keep_checkpoints
 
-  assert record["step"] == 24 and record["split"] == "test"
+  assert record["step"] == total and record["split"] == "test"
+  assert set(record) == {"step", "split", *metrics.EVAL_FIELDS}
   for key in ("auc", "gauc", "logloss", "calibration", "cold_auc"):
     assert np.isfinite(record[key]), key
   assert 0.5 < record["bayes_auc"] < 1.0
-  assert record["num_impressions"] == 600  # the whole test split, no padding
+  # The whole test split, no padding.
+  assert record["num_impressions"] == round(s.num_impressions * s.test_fraction)
   with open(os.path.join(workdir, "eval_metrics.jsonl")) as f:
     log = [json.loads(line) for line in f]
-  assert [e["step"] for e in log] == [12, 24]
+  assert [e["step"] for e in log] == list(
+      range(config.eval_every, total + 1, config.eval_every))
   assert log[-1] == record
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  assert checkpointing.Checkpointer(ckpt_dir, keep=2).all_steps() == [18, 24]
-  with open(os.path.join(ckpt_dir, "24", "data", "process_0-of-1.json")) as f:
+  assert checkpointing.Checkpointer(ckpt_dir, keep=keep).all_steps() == list(
+      range(total - (keep - 1) * every, total + 1, every))
+  with open(os.path.join(ckpt_dir, str(total), "data",
+                         "process_0-of-1.json")) as f:
     assert json.load(f)  # the Grain iterator position sits beside the state
 
-  # Same command again: restores step 24 and returns its eval, trains nothing.
+  # Same command again: restores the last step and returns its eval, trains
+  # nothing.
   before = _mtimes(ckpt_dir)
   again = train.train_and_evaluate(config, workdir)
   assert again == record
@@ -127,14 +133,16 @@ def test_partition_rules_shard_only_id_tables():
 
   def spec(path, shape, shard_embeddings):
     return mesh_lib.partition_spec(path, shape, mesh, shard_embeddings,
-                                   config.mesh.fsdp, config.mesh.fsdp_min_size)
+                                   config.mesh.fsdp, config.mesh.fsdp_min_size,
+                                   config.mesh.embedding_axes)
 
   embed = ("id_embed", "user_id", "embedding")
-  assert spec(embed, (62, 4), True) == jax.sharding.PartitionSpec("model", None)
-  assert spec(embed, (62, 4), False) == jax.sharding.PartitionSpec()
-  # Adagrad's slot for the table follows the table.
-  slot = (1, "inner_states", "embed", "inner_state", 0, "sum_of_squares") + embed
-  assert spec(slot, (62, 4), True) == jax.sharding.PartitionSpec("model", None)
+  table = (config.synthetic.num_users + 1, config.model.embed_dim)  # + OOV
+  assert spec(embed, table, True) == jax.sharding.PartitionSpec("model", None)
+  assert spec(embed, table, False) == jax.sharding.PartitionSpec()
+  # The embedding optimizer's slot for the table follows the table.
+  slot = ("embed_opt", "accumulator") + embed
+  assert spec(slot, table, True) == jax.sharding.PartitionSpec("model", None)
   dense = ("head", "mlp", "layers", 0, "kernel")
   assert spec(dense, (64, 16), True) == jax.sharding.PartitionSpec()
 

@@ -46,6 +46,7 @@ class SplitStats:
     cold_impressions: impressions of items never seen in training.
     packing_efficiency: impressions / (groups * K), the filled slots.
     ctr: clicks / impressions.
+    shard_lengths: groups per ArrayRecord shard (prepared.shard_paths).
   """
 
   impressions: int
@@ -54,6 +55,9 @@ class SplitStats:
   cold_impressions: int
   packing_efficiency: float
   ctr: float
+  # Groups in each ArrayRecord shard of the split, in order (the Beam path
+  # writes many; empty for datasets prepared before shards were recorded).
+  shard_lengths: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,14 @@ _LOGGED_SKIPS = 10  # bad images logged by path; the rest only counted
 
 
 class DataError(ValueError):
-  """Malformed user data; says where (file, 1-based line, field) and what."""
+  """Malformed user data; says where (file, 1-based line, field) and what.
+
+  unit: 'line' (CSV; the header is line 1) or 'row' (Parquet: data rows).
+  """
 
   def __init__(self, path: str, message: str, line: int | None = None,
-               field: str | None = None):
-    where = path + (f", line {line}" if line else "")
+               field: str | None = None, unit: str = "line"):
+    where = path + (f", {unit} {line}" if line else "")
     where += f", field {field!r}" if field else ""
     super().__init__(f"{where}: {message}")
     self.path, self.line, self.field = path, line, field
@@ -83,12 +86,15 @@ def csv_chunks(path: str, header: list[str], chunk_size: int
     raise DataError(path, f"unreadable CSV: {e}", line=line + 1) from e
 
 
-def resolve_image(root: str, rel: str, path: str, line: int) -> str:
+def resolve_image(root: str, rel: str, path: str, line: int,
+                  allow_external_links: bool = False) -> str:
   """root/rel, refusing paths that leave root (../, absolute elsewhere).
 
-  The check is lexical: a CSV must not make us read ~/.ssh, but symlinks
-  inside the directory were put there by its owner and are followed (the
-  Amazon converter links images instead of copying them).
+  A CSV must not make us read ~/.ssh: neither by its text (checked
+  lexically) nor through a symlink inside the directory that resolves
+  outside it, unless allow_external_links (config.byod.allow_external_links:
+  the Amazon converter links downloaded images by default). A link to a file
+  that does not exist yet is checked where it points.
   """
   if not rel or "\0" in rel:
     raise DataError(path, f"empty or invalid image path {rel!r}", line,
@@ -97,6 +103,13 @@ def resolve_image(root: str, rel: str, path: str, line: int) -> str:
   if os.path.commonpath([root, full]) != root:
     raise DataError(path, f"image path {rel!r} escapes the dataset "
                     f"directory {root}", line, "image")
+  if not allow_external_links:
+    real, real_root = os.path.realpath(full), os.path.realpath(root)
+    if os.path.commonpath([real_root, real]) != real_root:
+      raise DataError(path, f"image path {rel!r} is a link to {real}, outside "
+                      f"the dataset directory {root} (set "
+                      "config.byod.allow_external_links=True to follow it)",
+                      line, "image")
   return full
 
 
@@ -110,7 +123,8 @@ class Items:
   lines: list[int]
 
 
-def load_items(root: str, path: str) -> Items:
+def load_items(root: str, path: str,
+               allow_external_links: bool = False) -> Items:
   """Reads and validates items.csv (it is small enough to hold: one row per
   image, and the image table is the same size anyway)."""
   header = read_header(path, ITEM_COLUMNS)
@@ -127,7 +141,8 @@ def load_items(root: str, path: str) -> Items:
       items.rows[item] = len(items.ids)
       items.ids.append(item)
       items.categories.append(row[c_cat])
-      items.paths.append(resolve_image(root, row[c_img], path, line))
+      items.paths.append(resolve_image(root, row[c_img], path, line,
+                                       allow_external_links))
       items.lines.append(line)
   if not items.ids:
     raise DataError(path, "no items")

@@ -166,11 +166,7 @@ def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
   items = synthetic.ItemLatents(
       category=category, visual_score=score, style=style,
       is_cold=np.arange(cfg.num_items) >= num_warm)
-  sim = synthetic.ImpressionSimulator(
-      items, num_categories=NUM_CATEGORIES, num_users=cfg.num_users,
-      num_impressions=cfg.num_impressions, test_fraction=cfg.test_fraction,
-      num_behaviors=config.data.num_behaviors, chunk_size=cfg.chunk_size,
-      seed=cfg.seed)
+  sim = synthetic.simulator_for(items, NUM_CATEGORIES, cfg, config.data)
 
   def item_images(batch: int = 1024):
     for lo in range(0, cfg.num_items, batch):
@@ -183,6 +179,7 @@ def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
       sparse_features=synthetic.SPARSE_FEATURES, vocab_sizes=sim.vocab_sizes,
       num_dense=0, num_behaviors=config.data.num_behaviors,
       item_images=item_images, impressions=sim.chunks,
+      vocabularies=sim.vocabularies,
       stats={"num_items": cfg.num_items,
              "num_cold_items": int(sim.is_cold.sum()),
              "num_users": cfg.num_users})

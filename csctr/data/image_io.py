@@ -14,6 +14,7 @@ skipping (counted) and failing (see `csctr.data.byod`).
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 from typing import Iterator, Sequence
 
@@ -87,8 +88,25 @@ def decode_image(path: str, size: int, resize: str = "pad") -> np.ndarray:
     raise ValueError(f"resize mode {resize!r} not in {RESIZE_MODES}")
   if not os.path.isfile(path):
     raise MissingImageError(path, "file not found")
+  return _decode(path, path, size, resize)
+
+
+def decode_image_bytes(data: bytes, size: int, resize: str = "pad",
+                       name: str = "<bytes>") -> np.ndarray:
+  """decode_image for encoded bytes in memory (e.g. from a request).
+
+  Raises:
+    CorruptImageError: the bytes are not a decodable image.
+  """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"resize mode {resize!r} not in {RESIZE_MODES}")
+  return _decode(io.BytesIO(data), name, size, resize)
+
+
+def _decode(source: str | io.BytesIO, path: str, size: int,
+            resize: str) -> np.ndarray:
   try:
-    with Image.open(path) as im:
+    with Image.open(source) as im:
       # JPEG only: DCT-domain downscaling while decoding, >= size on both
       # sides; several times faster for large photos, same result quality.
       im.draft("RGB", (size, size))

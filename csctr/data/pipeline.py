@@ -54,6 +54,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from csctr import storage
 from csctr.data import batch as batch_lib
+from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
 from csctr.data import registry
@@ -91,16 +92,17 @@ def prepare_dataset(config: ml_collections.ConfigDict,
     return path
   if wait:
     logging.info("waiting for %s to be prepared", path)
-    storage.wait_for(path, prepared.INFO_FILE, config.data.get(
+    storage.wait_for(path, prepared.COMMIT_FILE, config.data.get(
         "prepare_timeout_s", PREPARE_TIMEOUT_S))
     return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
   local = prepared.mirror_path(path)
   if not prepared.is_prepared(local):
-    prepare_lib.prepare(registry.make_source(config), local,
-                        group_size=config.data.group_size, key=key)
+    prepare_lib.prepare(
+        registry.make_source(config), local, group_size=config.data.group_size,
+        key=key, image_storage=key["image_storage"])
   if local != path:
-    storage.upload_dir(local, path, prepared.INFO_FILE)
+    storage.upload_dir(local, path, prepared.COMMIT_FILE)
   return path
 
 
@@ -145,7 +147,7 @@ class GroupSource:
     reader = self._reader
     if reader is None:  # a race here only opens a second reader
       reader = self._reader = array_record_data_source.ArrayRecordDataSource(
-          [prepared.shard_path(self._path, self._split)])
+          prepared.shard_paths(self._path, self._split))
     example = tf_example_pb2.Example()
     example.ParseFromString(reader[index])
     feature = example.features.feature
@@ -203,8 +205,7 @@ class Collator:
     # One assignment, so a concurrent prefetch thread sees both or neither.
     if self._tables_ is None:
       self._tables_ = (
-          np.load(os.path.join(self.path, prepared.IMAGES_FILE),
-                  mmap_mode="r"),
+          image_store.open_images(self.path, self.info),
           np.load(os.path.join(self.path, prepared.CATEGORY_FILE)))
     return self._tables_
 

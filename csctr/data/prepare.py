@@ -50,22 +50,24 @@ deletes its copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from absl import logging
 from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
 
-from csctr.data import batch as batch_lib
-from csctr.data import prepared
 from csctr import metrics
+from csctr.data import batch as batch_lib
+from csctr.data import image_store
+from csctr.data import prepared
 from csctr.data import source as source_lib
+from csctr.data import vocab
 
 WRITER_OPTIONS = "group_size:1,snappy"
 # Impressions of partial groups carried to the next chunk (see Packer).
@@ -135,19 +137,30 @@ class Packer:
       self._pending = None
 
   def _cut(self, cols: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
-    """Groups of item-sorted rows: runs cut every K rows."""
-    items, n = cols["item"], len(cols["item"])
-    if not n:
-      return
-    new_run = np.concatenate([[True], items[1:] != items[:-1]])
-    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
-    starts = np.flatnonzero((np.arange(n) - run_start) % self.k == 0)
-    ends = np.append(starts[1:], n)
-    fields = [k for k in cols if k != "item"]
-    for s, e in zip(starts.tolist(), ends.tolist()):
-      group = {k: cols[k][s:e] for k in fields}
-      group["item"] = int(items[s])
-      yield group
+    return cut_groups(cols, self.k)
+
+
+def cut_groups(cols: dict[str, np.ndarray],
+               group_size: int) -> Iterator[dict[str, Any]]:
+  """Groups of item-sorted rows: each item's run cut every K rows.
+
+  The one packing rule of both prepare paths: the Packer calls it on each
+  chunk's item-sorted rows, the Beam pipeline (csctr.data.beam_prepare) on
+  each shard's rows sorted by (item, impression id). Pure: same rows in,
+  same groups out.
+  """
+  items, n = cols["item"], len(cols["item"])
+  if not n:
+    return
+  new_run = np.concatenate([[True], items[1:] != items[:-1]])
+  run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+  starts = np.flatnonzero((np.arange(n) - run_start) % group_size == 0)
+  ends = np.append(starts[1:], n)
+  fields = [k for k in cols if k != "item"]
+  for s, e in zip(starts.tolist(), ends.tolist()):
+    group = {k: cols[k][s:e] for k in fields}
+    group["item"] = int(items[s])
+    yield group
 
 
 def pack_chunk(chunk: source_lib.ImpressionChunk,
@@ -195,55 +208,83 @@ def _check_chunk(chunk: source_lib.ImpressionChunk,
   return out
 
 
-def _write_images(source: source_lib.Source, tmp: str) -> dict[str, int]:
-  s = source.image_size
-  table = np.lib.format.open_memmap(
-      os.path.join(tmp, prepared.IMAGES_FILE), mode="w+", dtype=np.uint8,
-      shape=(source.num_items, s, s, 3))
-  seen = np.zeros(source.num_items, bool)
+def _write_images(source: source_lib.Source, tmp: str,
+                  storage: str) -> dict[str, Any]:
+  """The image table (raw) or an encoded store of one shard; categories."""
+  s, n = source.image_size, source.num_items
+  if storage == "raw":
+    table = np.lib.format.open_memmap(
+        os.path.join(tmp, image_store.TABLE_FILE), mode="w+", dtype=np.uint8,
+        shape=(n, s, s, 3))
+  elif storage in image_store.STORAGES and storage != "original":
+    table = {}
+  else:
+    raise ValueError(f"image_storage {storage!r}: the in-process path "
+                     f"stores {image_store.STORAGES[:-1]}")
+  seen = np.zeros(n, bool)
   for rows, images in source.item_images():
     if images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
       raise ValueError(f"{source.name}: images must be uint8 [m, {s}, {s}, 3],"
                        f" got {images.dtype} {images.shape}")
-    table[rows] = images
+    if storage == "raw":
+      table[rows] = images
+    else:
+      table.update((int(r), image_store.encode(im, storage))
+                   for r, im in zip(rows, images))
     seen[rows] = True
-  table.flush()
+  if storage == "raw":
+    table.flush()
+  else:
+    image_store.write_shard(image_store.store_paths(tmp, 1)[0], range(n),
+                            table)
   del table
   np.save(os.path.join(tmp, prepared.CATEGORY_FILE),
           np.asarray(source.item_category, np.int32))
-  return {"num_items": source.num_items,
-          "items_without_image": int((~seen).sum())}
+  return {"num_items": n, "items_without_image": int((~seen).sum()),
+          "image_storage": storage, "image_shards": 1}
 
 
-def _write_split(source, split, group_size, features, path,
-                 scores) -> batch_lib.SplitStats:
-  """Packs and writes one split; returns its counters."""
-  counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
+def _split_groups(source, split, group_size, scores):
+  """The split's checked impressions, packed (see Packer)."""
   packer = Packer(group_size, MAX_PENDING)
+  for raw in source.impressions(split):
+    chunk = _check_chunk(raw, source)
+    if split == "test" and "true_ctr" in chunk:
+      scores.append((chunk["true_ctr"], chunk["label"], chunk["is_cold"]))
+    chunk.pop("true_ctr", None)
+    yield from packer.add(chunk)
+  yield from packer.finish()
+
+
+def write_groups(path: str, groups: Iterable[dict[str, Any]],
+                 features: tfds.features.FeaturesDict) -> dict[str, int]:
+  """Writes group records to one ArrayRecord shard; returns its counters."""
+  counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
   # group_size:1 compresses every record on its own, so a random read
   # decompresses one record; snappy decompresses faster than the default.
   writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
   try:
-    for raw in source.impressions(split):
-      chunk = _check_chunk(raw, source)
-      if split == "test" and "true_ctr" in chunk:
-        scores.append((chunk["true_ctr"], chunk["label"], chunk["is_cold"]))
-      chunk.pop("true_ctr", None)
-      counts["impressions"] += len(chunk["item"])
-      counts["clicks"] += int(chunk["label"].sum())
-      counts["cold_impressions"] += int(chunk["is_cold"].sum())
-      for group in packer.add(chunk):
-        writer.write(features.serialize_example(group))
-        counts["groups"] += 1
-    for group in packer.finish():
+    for group in groups:
       writer.write(features.serialize_example(group))
       counts["groups"] += 1
+      counts["impressions"] += len(group["label"])
+      counts["clicks"] += int(group["label"].sum())
+      counts["cold_impressions"] += int(group["is_cold"].sum())
   finally:
     writer.close()
+  return counts
+
+
+def split_counts(shards: list[dict[str, int]],
+                 group_size: int) -> batch_lib.SplitStats:
+  """A split's counters from its shards' (write_groups) counters."""
+  counts = {k: sum(c[k] for c in shards) for k in
+            ("impressions", "groups", "clicks", "cold_impressions")}
   slots = counts["groups"] * group_size
   counts["packing_efficiency"] = counts["impressions"] / slots if slots else 0.0
   counts["ctr"] = counts["clicks"] / max(counts["impressions"], 1)
-  return batch_lib.SplitStats(**counts)
+  return batch_lib.SplitStats(
+      **counts, shard_lengths=tuple(c["groups"] for c in shards))
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -253,7 +294,8 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def prepare(source: source_lib.Source, path: str, *, group_size: int,
-            key: dict[str, Any] | None = None) -> str:
+            key: dict[str, Any] | None = None,
+            image_storage: str = "raw") -> str:
   """Writes `source` as a prepared dataset at `path` (atomically).
 
   Args:
@@ -261,63 +303,42 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
     path: final directory; must not exist yet.
     group_size: K, the most impressions per image group.
     key: the dataset-relevant config, recorded in info.json.
+    image_storage: how images are kept (csctr.data.image_store.STORAGES,
+      all but 'original').
 
   Returns:
     `path`.
   """
   start = time.time()
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
+  tmp = prepared.make_tmp(path)
   try:
-    image_counts = _write_images(source, tmp)
+    image_counts = _write_images(source, tmp, image_storage)
     features = group_features(len(source.sparse_features), source.num_dense,
                               source.num_behaviors)
-    groups_dir = os.path.join(tmp, prepared.GROUPS_DIR)
-    os.makedirs(groups_dir)
+    os.makedirs(os.path.join(tmp, prepared.GROUPS_DIR))
     splits, scores = {}, []
     for split in prepared.SPLITS:
-      splits[split] = _write_split(source, split, group_size, features,
-                                   prepared.shard_path(tmp, split), scores)
-    tfds.folder_dataset.write_metadata(
-        data_dir=groups_dir, features=features, check_data=False,
-        split_infos=[tfds.core.SplitInfo(
-            name=s, shard_lengths=[c.groups], num_bytes=0)
-                     for s, c in splits.items()],
-        description="csctr image groups (see csctr/data/prepare.py)")
+      counts = write_groups(
+          prepared.shard_name(tmp, split, 0, 1),
+          _split_groups(source, split, group_size, scores), features)
+      splits[split] = split_counts([counts], group_size)
     bayes_auc, bayes_auc_cold = source.bayes_auc, None
     if scores:
       ctr, label, cold = (np.concatenate(x) for x in zip(*scores))
       if bayes_auc is None:
         bayes_auc = _auc(label, ctr)
       bayes_auc_cold = _auc(label[cold], ctr[cold])
-    extras = {
-        "dataset": source.name,
-        "format_version": prepared.FORMAT_VERSION,
-        "group_size": group_size,
-        "packing_efficiency": splits["train"].packing_efficiency,
-        "bayes_auc_cold": bayes_auc_cold,
-        "source_stats": dict(source.stats),
-        "prepare_seconds": round(time.time() - start, 2),
-        "config": key or {},
-        **image_counts,
-    }
     info = batch_lib.DataInfo(
         sparse_features=tuple(source.sparse_features),
         vocab_sizes=tuple(int(v) for v in source.vocab_sizes),
         num_dense=source.num_dense, num_categories=source.num_categories,
         image_size=source.image_size, num_behaviors=source.num_behaviors,
-        bayes_auc=bayes_auc, extras=extras, splits=splits)
-    with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
-      json.dump(info.to_json(), f, indent=2, default=prepared.json_default)
-    os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
-    try:
-      os.rename(tmp, path)
-    except OSError:
-      if not os.path.exists(os.path.join(path, prepared.INFO_FILE)):
-        raise
-      logging.info("%s was prepared concurrently; keeping that copy", path)
-      shutil.rmtree(tmp, ignore_errors=True)
+        bayes_auc=bayes_auc, extras={
+            "dataset": source.name, "group_size": group_size,
+            "bayes_auc_cold": bayes_auc_cold,
+            "source_stats": dict(source.stats), "config": key or {},
+            "prepared_by": "inprocess", **image_counts})
+    finish(tmp, path, info, features, splits, source.vocabularies, start)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -325,3 +346,27 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
   return path
 
 
+def finish(tmp: str, path: str, info: batch_lib.DataInfo,
+           features: tfds.features.FeaturesDict,
+           splits: dict[str, batch_lib.SplitStats],
+           vocabularies: dict[str, Any] | None, start: float) -> None:
+  """Writes metadata, info.json and vocab/ into tmp, then commits it.
+
+  Shared by both prepare paths: `splits` holds each split's split_counts
+  (with shard_lengths) over shards already written as prepared.shard_name.
+  """
+  tfds.folder_dataset.write_metadata(
+      data_dir=os.path.join(tmp, prepared.GROUPS_DIR), features=features,
+      check_data=False, split_infos=[tfds.core.SplitInfo(
+          name=s, shard_lengths=list(c.shard_lengths), num_bytes=0)
+                                     for s, c in splits.items()],
+      description="csctr image groups (see csctr/data/prepare.py)")
+  if vocabularies:
+    vocab.save_vocabularies(tmp, vocabularies)
+  extras = {**info.extras, "format_version": prepared.FORMAT_VERSION,
+            "packing_efficiency": splits["train"].packing_efficiency,
+            "prepare_seconds": round(time.time() - start, 2)}
+  info = dataclasses.replace(info, extras=extras, splits=splits)
+  with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
+    json.dump(info.to_json(), f, indent=2, default=prepared.json_default)
+  prepared.commit(tmp, path)

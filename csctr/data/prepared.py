@@ -15,6 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
+import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -24,12 +28,14 @@ from csctr.data import batch as batch_lib
 from csctr.data import source as source_lib
 
 # Bump when the on-disk layout changes: it is part of the cache key.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "test")
 INFO_FILE = "info.json"
 IMAGES_FILE = "images.npy"
 CATEGORY_FILE = "item_category.npy"
 GROUPS_DIR = "groups"
+COMMIT_FILE = "COMMITTED"
+OWNER_FILE = "OWNER"  # host and pid of the prepare writing a .tmp- dir
 
 
 def group_spec(num_sparse: int, num_dense: int,
@@ -71,9 +77,10 @@ def cache_path(root: str, key: dict[str, Any]) -> str:
 
 
 def is_prepared(path: str) -> bool:
-  """A dataset is complete iff info.json exists: it is renamed in (local
-  disk) or uploaded (object store) last, so it is the commit marker."""
-  return storage.is_committed(path, INFO_FILE)
+  """Complete iff the commit marker exists: it is written last, after every
+  other file (locally the directory is then renamed into place; in an
+  object store it is uploaded last, see storage.upload_dir)."""
+  return storage.is_committed(path, COMMIT_FILE)
 
 
 def mirror_path(path: str) -> str:
@@ -90,9 +97,84 @@ def local_copy(path: str) -> str:
   dataset in an object store is read from a mirror on each machine,
   downloaded once (storage.local_mirror).
   """
-  return storage.local_mirror(path, INFO_FILE)
+  return storage.local_mirror(path, COMMIT_FILE)
 
 
-def shard_path(path: str, split: str) -> str:
+def commit(tmp: str, path: str) -> None:
+  """Marks tmp complete and renames it to path (a concurrent preparer that
+  lost the race keeps the winner's copy)."""
+  with open(os.path.join(tmp, COMMIT_FILE), "w") as f:
+    f.write("ok\n")
+  os.chmod(tmp, 0o755)  # mkdtemp made it private; caches may be shared
+  try:
+    os.rename(tmp, path)
+  except OSError:
+    if not is_prepared(path):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_tmp(path: str) -> str:
+  """A private sibling of `path` to write into, stale ones removed first.
+
+  Its OWNER file names this host and process, so a later prepare can tell
+  a killed prepare's leftovers from a running one's.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  remove_stale_tmp(parent)
+  tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-",
+                         dir=parent)
+  with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+  return tmp
+
+
+def remove_stale_tmp(parent: str, max_age_s: float = 24 * 3600) -> list[str]:
+  """Deletes the .tmp-* directories that killed prepares left in parent.
+
+  Stale: its owner process (this host) is gone, or, for another host's,
+  nothing in it changed for max_age_s.
+  """
+  removed, host, now = [], socket.gethostname(), time.time()
+  for name in os.listdir(parent):
+    full = os.path.join(parent, name)
+    if not (name.startswith(".tmp-") and os.path.isdir(full)):
+      continue
+    try:
+      with open(os.path.join(full, OWNER_FILE)) as f:
+        owner_host, pid = f.read().split()
+      dead = owner_host == host and not _alive(int(pid))
+      newest = max([os.path.getmtime(full)] + [
+          os.path.getmtime(os.path.join(d, f))
+          for d, _, files in os.walk(full) for f in files])
+    except (OSError, ValueError):
+      continue  # being created or removed by its owner right now
+    if dead or now - newest > max_age_s:
+      shutil.rmtree(full, ignore_errors=True)
+      removed.append(full)
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def shard_name(path: str, split: str, index: int, count: int) -> str:
+  """TFDS's name for shard `index` of `count` of a split's groups."""
   return os.path.join(path, GROUPS_DIR,
-                      f"groups-{split}.array_record-00000-of-00001")
+                      f"groups-{split}.array_record-{index:05d}-of-"
+                      f"{count:05d}")
+
+
+def shard_paths(path: str, split: str) -> list[str]:
+  """Every group shard of a split, in order (info.json knows how many)."""
+  lengths = load_info(path).splits[split].shard_lengths or (0,)
+  return [shard_name(path, split, i, len(lengths))
+          for i in range(len(lengths))]

@@ -80,6 +80,9 @@ def dataset_key(config: Config) -> dict[str, Any]:
   return {"dataset": dataset.name, "image_size": config.data.image_size,
           "group_size": config.data.group_size,
           "num_behaviors": config.data.num_behaviors,
+          "image_storage": config.data.get("image_storage", "raw"),
+          "vocab": {"min_count": config.data.min_count,
+                    "hash_buckets": config.data.hash_buckets},
           **dataset.key_inputs(config)}
 
 
@@ -114,15 +117,18 @@ def _section(name: str) -> Callable[[Config], dict[str, Any]]:
 
 
 def _byod_key(config: Config) -> dict[str, Any]:
-  """The directory, its config section and the CSVs' size and mtime."""
+  """The directory, its config section, and the size and mtime of
+  items.csv, the impression files and every image (byod.file_stamps)."""
   from csctr.data import byod  # pylint: disable=g-import-not-at-top
   if not config.byod_path:
     raise ValueError(f"dataset={config.dataset!r} needs config.byod_path")
   root = storage.normalize(config.byod_path)  # a local path or a URL
-  # Edits to the CSVs make a new dataset rather than a stale cache hit.
-  return {"byod_path": root, "byod": config.byod.to_dict(),
-          "files": {f: storage.stamp(storage.join(root, f))
-                    for f in (byod.ITEMS_FILE, byod.IMPRESSIONS_FILE)}}
+  # Edits to the logs or images make a new dataset, not a stale cache hit.
+  # In a bucket: the CSVs' size and time (listing every image is costly).
+  files = ({f: storage.stamp(storage.join(root, f))
+            for f in (byod.ITEMS_FILE, byod.IMPRESSIONS_FILE)}
+           if storage.is_remote(root) else byod.file_stamps(config))
+  return {"byod_path": root, "byod": config.byod.to_dict(), "files": files}
 
 
 register(Dataset("synthetic", "synthetic", _section("synthetic"),

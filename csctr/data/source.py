@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from csctr.data import vocab as vocab_lib
+
 # The impression chunk, the one spec of it: key -> (dtype, width, meaning).
 # Every value has leading dimension n; width None is [n], else [n, width]
 # with the width named by the Source (F sparse features, D dense, L
@@ -71,6 +73,9 @@ class Source:
     bayes_auc: AUC of true_ctr on the test split, if simulated (prepare
       computes it from the test chunks' true_ctr when left None).
     stats: counters reported at prepare time (e.g. skipped corrupt images).
+    vocabularies: feature -> the Vocabulary (raw id -> row) its `sparse`
+      column was mapped with; prepare saves them (csctr/data/vocab.py) so
+      that serving maps raw ids the same way.
   """
 
   name: str
@@ -85,6 +90,8 @@ class Source:
   impressions: Callable[[str], Iterator[ImpressionChunk]]
   bayes_auc: float | None = None
   stats: dict[str, int] = dataclasses.field(default_factory=dict)
+  vocabularies: dict[str, vocab_lib.Vocabulary] = dataclasses.field(
+      default_factory=dict)
 
   @property
   def num_items(self) -> int:

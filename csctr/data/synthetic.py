@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from csctr.data import source as source_lib
+from csctr.data import vocab as vocab_lib
 
 SPARSE_FEATURES = ("user_id", "item_id", "category_id", "position")
 NUM_SHAPES = 4
@@ -97,6 +98,7 @@ class ImpressionSimulator:
   def __init__(self, items: ItemLatents, *, num_categories: int,
                num_users: int, num_impressions: int, test_fraction: float,
                num_behaviors: int, chunk_size: int, seed: int,
+               min_count: int = 1, hash_buckets: int = 0,
                model: ClickModel = ClickModel()):
     self.items, self.model = items, model
     self.num_categories, self.num_users = num_categories, num_users
@@ -125,22 +127,34 @@ class ImpressionSimulator:
     self._user_cdf = np.cumsum(activity ** -model.user_activity_exponent)
     self._user_cdf /= self._user_cdf[-1]
     self._buffer_after_train = None
-    # A vocabulary built on the training split, as a real one would be: the
-    # items drawn in training get rows 1.., all others (the items introduced
-    # later, and the rare warm item that was never drawn) are cold and map
-    # to the OOV row 0. One cheap pass over the training draws finds them.
-    seen = np.zeros(n, bool)
+    # Vocabularies built on the training split, as real ones would be
+    # (csctr/data/vocab.py): users and items drawn at least min_count times
+    # in training get rows 1..; the others share the OOV row 0 (or, with
+    # hash_buckets, hash into extra rows). Items never drawn in training (the
+    # items introduced later, and the rare warm item never drawn) are cold.
+    # One cheap pass over the training draws counts them.
+    item_counts = np.zeros(n, np.int64)
+    user_counts = np.zeros(num_users, np.int64)
     for index, start, end in self._ranges("train"):
-      _, _, drawn = self._draw(index, end - start, "train")
-      seen[drawn] = True
-    self.is_cold = ~seen
-    self.item_vocab = np.zeros(n, np.int32)
-    self.item_vocab[seen] = np.arange(1, seen.sum() + 1, dtype=np.int32)
+      _, users, drawn = self._draw(index, end - start, "train")
+      item_counts += np.bincount(drawn, minlength=n)
+      user_counts += np.bincount(users, minlength=num_users)
+    self.is_cold = item_counts == 0
+    self.vocabularies = {
+        name: vocab_lib.Vocabulary.build(
+            name, {i: c for i, c in enumerate(counts) if c},
+            min_count=min_count, hash_buckets=hash_buckets)
+        for name, counts in (("user_id", user_counts),
+                             ("item_id", item_counts))}
+    # Raw user/item index -> table row.
+    self.user_vocab = self.vocabularies["user_id"].lookup(range(num_users))
+    self.item_vocab = self.vocabularies["item_id"].lookup(range(n))
 
   @property
   def vocab_sizes(self) -> tuple[int, ...]:
-    return (self.num_users + 1, int(self.item_vocab.max()) + 1,
-            self.num_categories, self.model.num_positions + 1)
+    return (self.vocabularies["user_id"].size,
+            self.vocabularies["item_id"].size, self.num_categories,
+            self.model.num_positions + 1)
 
   def _ranges(self, split: str) -> list[tuple[int, int, int]]:
     """(chunk index, first impression, end) of the split's chunks."""
@@ -188,8 +202,8 @@ class ImpressionSimulator:
     label = (rng.random(n) < true_ctr).astype(np.float32)
     chunk = {
         "item": items,
-        "sparse": np.stack([users + 1, self.item_vocab[items], cat,
-                            position + 1], axis=1).astype(np.int32),
+        "sparse": np.stack([self.user_vocab[users], self.item_vocab[items],
+                            cat, position + 1], axis=1).astype(np.int32),
         "dense": np.zeros((n, 0), np.float32),
         "label": label,
         "user_id": users,
@@ -324,6 +338,20 @@ def render(img: ImageLatents, rows: np.ndarray, size: int,
   return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def simulator_for(items: ItemLatents, num_categories: int,
+                  section: ml_collections.ConfigDict,
+                  data: ml_collections.ConfigDict) -> ImpressionSimulator:
+  """The simulator of a generated dataset: its config section's sizes and
+  seed (config.synthetic, config.fashion_mnist) and config.data's L and
+  vocabulary rules."""
+  return ImpressionSimulator(
+      items, num_categories=num_categories, num_users=section.num_users,
+      num_impressions=section.num_impressions,
+      test_fraction=section.test_fraction, num_behaviors=data.num_behaviors,
+      chunk_size=section.chunk_size, seed=section.seed,
+      min_count=data.min_count, hash_buckets=data.hash_buckets)
+
+
 def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
   """The synthetic dataset of `config.synthetic` as a streaming Source."""
   cfg, size = config.synthetic, config.data.image_size
@@ -336,11 +364,7 @@ def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
   num_categories = cfg.num_categories + 1  # row 0 = OOV
   items, img = sample_items(cfg.num_items, num_categories,
                             cfg.cold_item_fraction, cfg.seed)
-  sim = ImpressionSimulator(
-      items, num_categories=num_categories, num_users=cfg.num_users,
-      num_impressions=cfg.num_impressions, test_fraction=cfg.test_fraction,
-      num_behaviors=config.data.num_behaviors, chunk_size=cfg.chunk_size,
-      seed=cfg.seed)
+  sim = simulator_for(items, num_categories, cfg, config.data)
 
   def item_images(batch: int = 256):
     for i, lo in enumerate(range(0, cfg.num_items, batch)):
@@ -353,7 +377,7 @@ def make_source(config: ml_collections.ConfigDict) -> source_lib.Source:
       num_categories=num_categories, sparse_features=SPARSE_FEATURES,
       vocab_sizes=sim.vocab_sizes, num_dense=0,
       num_behaviors=config.data.num_behaviors, item_images=item_images,
-      impressions=sim.chunks,
+      impressions=sim.chunks, vocabularies=sim.vocabularies,
       stats={"num_items": cfg.num_items,
              "num_cold_items": int(sim.is_cold.sum()),
              "num_users": cfg.num_users})

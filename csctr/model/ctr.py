@@ -34,6 +34,7 @@ import numpy as np
 
 from csctr.model import attention as attention_lib
 from csctr.model import backbones
+from csctr.model import embeddings
 from csctr.data import batch as batch_lib
 from csctr.model import heads
 
@@ -138,8 +139,12 @@ class CTRModel(nnx.Module):
     self.num_dense = info.num_dense
     # Tables stay float32 and are looked up in float32; only the gathered rows
     # are cast (nnx.Embed(dtype=bf16) would cast the whole table every step).
+    # Rows padded to config.table_row_multiple so that sharded tables split
+    # evenly (csctr/model/embeddings.py); padding rows are never looked up.
     self.id_embed = nnx.Dict({
-        name: nnx.Embed(vocab, config.embed_dim, rngs=rngs)
+        name: nnx.Embed(
+            embeddings.padded_rows(vocab, config.table_row_multiple),
+            config.embed_dim, rngs=rngs)
         for name, vocab in zip(info.sparse_features, info.vocab_sizes)})
     in_dim = len(info.sparse_features) * config.embed_dim + info.num_dense
     encoder = pooling_module = None
@@ -178,11 +183,20 @@ class CTRModel(nnx.Module):
     return jax.lax.stop_gradient(emb) if self.late_fusion else emb
 
   def score(self, batch: dict[str, jax.Array],
-            image_embeddings: jax.Array | None) -> jax.Array:
-    """Logits float32 [B] from the batch and the unique-image embeddings."""
-    sparse = batch["sparse"]
-    ids = {name: self.id_embed[name](sparse[:, i]).astype(self.dtype)
-           for i, name in enumerate(self.sparse_features)}
+            image_embeddings: jax.Array | None,
+            id_embeddings: dict[str, jax.Array] | None = None) -> jax.Array:
+    """Logits float32 [B] from the batch and the unique-image embeddings.
+
+    `id_embeddings` ({feature: [B, embed_dim]}) replaces the table lookups:
+    the train step gathers the rows itself (csctr/model/embeddings.py) so
+    that it can differentiate them instead of the tables.
+    """
+    if id_embeddings is None:
+      sparse = batch["sparse"]
+      id_embeddings = {name: self.id_embed[name](sparse[:, i])
+                       for i, name in enumerate(self.sparse_features)}
+    ids = {name: id_embeddings[name].astype(self.dtype)
+           for name in self.sparse_features}
     parts = list(ids.values())
     if self.num_dense:
       parts.append(batch["dense"].astype(self.dtype))
@@ -198,12 +212,13 @@ class CTRModel(nnx.Module):
         parts.append(self.pooling(ad, emb[rows], mask, ids.get("item_id")))
     return self.head(jnp.concatenate(parts, axis=-1))
 
-  def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
+  def __call__(self, batch: dict[str, jax.Array],
+               id_embeddings: dict[str, jax.Array] | None = None) -> jax.Array:
     """Logits float32 [B]; the CNN runs once per row of batch['images']."""
     emb = None
     if self.use_image:
       emb = self.encode_images(batch["images"], batch["image_category"])
-    return self.score(batch, emb)
+    return self.score(batch, emb, id_embeddings)
 
 
 def build_model(model_config: ml_collections.ConfigDict,

@@ -7,4 +7,4 @@ imports the training stack (Grain, TFDS, optax, tensorboardX).
 from csctr.serving.scorer import FALLBACKS
 from csctr.serving.scorer import Scorer
 from csctr.serving.scorer import ServingConfig
-from csctr.serving.scorer import configure_cpu_serving
+from csctr.serving.cpu import configure_cpu_serving

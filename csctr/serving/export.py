@@ -3,7 +3,9 @@ r"""Offline visual-embedding table: the CNN runs here, never in the scorer.
   python -m csctr.export --workdir=/tmp/csctr_default
   python -m csctr.export --workdir=DIR --images=/path/to/prepared_dataset
   python -m csctr.export --workdir=DIR --images=catalogue.npz   # images,
-      # categories, optional ids (int64) arrays
+      # categories, optional ids (int64) and raw_ids (str) arrays
+  python -m csctr.export --workdir=DIR --only_new --base_table=TABLE \
+      --images=catalogue.npz      # a new version: TABLE + the new items
 
 JD serves CSCNN by looking visual embeddings up in a table computed offline
 (90% of next-day traffic hits it); csctr.serving.Scorer runs only the CTR
@@ -21,8 +23,16 @@ Table format: a directory (default WORKDIR/embedding_tables/<step>)
     category_mean.npy  float32 [C, d], mean embedding per category (global
                        mean where a category has no image): the serving
                        fallback 'category_mean'
+    raw_ids.npy        optional str [N]: the raw item id of each row (how
+                       requests to csctr.serve name items); without it an
+                       item's raw id is its image id in decimal
     meta.json          format_version, step, config_hash, encoder_hash, d,
-                       dtype, num_rows, source, timing
+                       dtype, num_rows, new_rows, base_table, source, timing
+
+Incremental export (daily catalogue updates): with a base table of the same
+checkpoint, only the images whose ids it lacks are embedded; its rows are
+copied, and the result is a new table (default: the base's name + .K, e.g.
+6 -> 6.1 -> 6.2) that csctr.serve swaps in.
 
 An image id is the item row of a prepared dataset (the index into its
 images.npy, the `item` of its group records), or the `ids` array of an .npz.
@@ -40,19 +50,16 @@ place, so a reader never sees a partial table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import io
 import json
 import logging as py_logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
 from absl import logging
 from flax import nnx
 import jax
@@ -63,16 +70,20 @@ import numpy as np
 from csctr.data import batch as batch_lib
 from csctr.model import ctr
 from csctr.data import prepared
+from csctr import progress as progress_lib
+from csctr.data import image_store
 from csctr import rundir
 from csctr import storage
 
-FORMAT_VERSION = 1
-EMBEDDINGS_FILE = "embeddings.npy"
-IDS_FILE = "ids.npy"
-CATEGORIES_FILE = "categories.npy"
-CATEGORY_MEAN_FILE = "category_mean.npy"
-META_FILE = "meta.json"
-TABLES_DIR = "embedding_tables"
+from csctr.serving.table import CATEGORIES_FILE
+from csctr.serving.table import CATEGORY_MEAN_FILE
+from csctr.serving.table import EMBEDDINGS_FILE
+from csctr.serving.table import EmbeddingTable
+from csctr.serving.table import FORMAT_VERSION
+from csctr.serving.table import IDS_FILE
+from csctr.serving.table import META_FILE
+from csctr.serving.table import RAW_IDS_FILE
+from csctr.serving.table import TABLES_DIR
 # DataInfo fields that shape the model (extras such as timings do not).
 _INFO_FIELDS = ("sparse_features", "vocab_sizes", "num_dense",
                 "num_categories", "image_size", "num_behaviors")
@@ -115,32 +126,34 @@ class ImageSource:
   images: np.ndarray
   categories: np.ndarray
   name: str
+  raw_ids: np.ndarray | None = None  # str [M]: how requests name the items
 
 
 def load_images(spec: str) -> ImageSource:
   """A prepared dataset directory, or an .npz with images/categories[/ids].
 
-  Either may be a URL (a dataset is read from its local mirror).
+  A dataset may be a URL: it is read from its local mirror.
   """
   if storage.is_remote(spec) and prepared.is_prepared(spec):
     spec = prepared.local_copy(spec)
   if os.path.isdir(spec):
-    images = np.load(os.path.join(spec, prepared.IMAGES_FILE),
-                     mmap_mode="r")
+    images = image_store.open_images(spec, prepared.load_info(spec))
     categories = np.load(os.path.join(spec, prepared.CATEGORY_FILE))
-    ids = np.arange(len(images), dtype=np.int64)
+    ids, raw = np.arange(len(images), dtype=np.int64), None
   elif spec.endswith(".npz"):
-    with np.load(io.BytesIO(storage.read_bytes(spec))) as z:
+    with np.load(spec) as z:
       missing = {"images", "categories"} - set(z.files)
       if missing:
         raise ValueError(f"{spec} lacks arrays {sorted(missing)}")
       images, categories = z["images"], z["categories"]
       ids = z["ids"] if "ids" in z.files else np.arange(len(images))
+      raw = z["raw_ids"].astype(np.str_) if "raw_ids" in z.files else None
   else:
     raise ValueError(f"--images={spec!r}: a prepared dataset directory or "
-                     "an .npz with images, categories and optional ids")
+                     "an .npz with images, categories and optional ids, "
+                     "raw_ids")
   return ImageSource(np.asarray(ids, np.int64), images,
-                     np.asarray(categories, np.int32), spec)
+                     np.asarray(categories, np.int32), spec, raw)
 
 
 def _check_source(source: ImageSource, info: batch_lib.DataInfo) -> None:
@@ -153,53 +166,46 @@ def _check_source(source: ImageSource, info: batch_lib.DataInfo) -> None:
   if source.ids.shape != (m,) or source.categories.shape != (m,):
     raise ValueError(f"{source.name}: {m} images but ids {source.ids.shape} "
                      f"and categories {source.categories.shape}")
+  if source.raw_ids is not None and source.raw_ids.shape != (m,):
+    raise ValueError(f"{source.name}: {m} images but raw_ids "
+                     f"{source.raw_ids.shape}")
 
 
 # ---------------------------------------------------------------- writing
 
 
-class _Progress:
-  """One self-overwriting stderr line: done/total, images/s, ETA."""
-
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled = total, enabled
-    self.start = self.last = time.perf_counter()
-
-  def update(self, done: int) -> None:
-    now = time.perf_counter()
-    if not self.enabled or (now - self.last < 0.5 and done < self.total):
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    sys.stderr.write(f"\rexport: {done}/{self.total} images "
-                     f"({100 * done / max(self.total, 1):.0f}%) "
-                     f"{rate:.0f} images/s ETA {eta:.0f}s ")
-    if done >= self.total:
-      sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
-def make_encode_fn(model: ctr.CTRModel):
-  """Jitted (uint8 images, categories) -> float32 embeddings, params bound."""
-  graphdef, state = nnx.split(model)
+@functools.lru_cache(maxsize=8)
+def _encode_jit(graphdef: nnx.GraphDef):
+  """One jitted encoder per model structure: a hot-swapped checkpoint of
+  the same model (csctr.serve) reuses its compiled code."""
 
   @jax.jit
   def encode(state, images, categories):
     emb = nnx.merge(graphdef, state).encode_images(images, categories)
     return emb.astype(jnp.float32)
 
+  return encode
+
+
+def make_encode_fn(model: ctr.CTRModel):
+  """Jitted (uint8 images, categories) -> float32 embeddings, params bound."""
+  graphdef, state = nnx.split(model)
+  encode = _encode_jit(graphdef)
   return lambda images, categories: encode(state, images, categories)
 
 
 def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
                 *, num_categories: int, meta: dict[str, Any],
                 batch_size: int = 256, progress: bool = True,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False,
+                base: EmbeddingTable | None = None) -> dict[str, Any]:
   """Embeds every unique image of `source` into a table at `out_dir`.
 
   Duplicate ids keep their first occurrence. Batches are double-buffered:
   the next batch is gathered on the host while the device encodes this one.
+  With `base` (an incremental export), the new table holds the base's rows,
+  copied, plus the images of `source` whose ids the base lacks, embedded:
+  a daily catalogue update costs its new items only.
 
   Returns:
     The meta.json dict (`meta` plus what the export measured).
@@ -207,14 +213,15 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
   if model.encoder is None:
     raise ValueError("the model has no image encoder (use_image=False): "
                      "there are no visual embeddings to export")
-  if storage.is_remote(out_dir):
-    return _write_remote(out_dir, model, source, num_categories=num_categories,
-                         meta=meta, batch_size=batch_size, progress=progress,
-                         overwrite=overwrite)
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists (pass overwrite=True / "
                           "--overwrite to replace it)")
-  ids, first = np.unique(source.ids, return_index=True)
+  new_ids, first = np.unique(source.ids, return_index=True)
+  if base is not None:  # only the ids the base lacks
+    keep = ~np.isin(new_ids, base.ids)
+    new_ids, first = new_ids[keep], first[keep]
+  base_ids = base.ids if base is not None else np.zeros((0,), np.int64)
+  ids = np.union1d(base_ids, new_ids)
   n = len(ids)
   if not n:
     raise ValueError(f"{source.name}: no images to export")
@@ -230,98 +237,138 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
     table = np.lib.format.open_memmap(os.path.join(tmp, EMBEDDINGS_FILE),
                                       mode="w+", dtype=np.float32,
                                       shape=(n, d))
-    categories = source.categories[first]
+    categories = np.zeros(n, np.int32)
+    new_pos = np.searchsorted(ids, new_ids)
+    categories[new_pos] = source.categories[first]
     sums = np.zeros((num_categories, d), np.float64)
     counts = np.zeros(num_categories, np.int64)
-    # Compile first (one fixed batch shape), so images/s is the steady rate.
-    start = time.perf_counter()
-    jax.block_until_ready(encode(
-        np.zeros((batch_size, *source.images.shape[1:]), np.uint8),
-        np.zeros(batch_size, np.int32)))
-    compile_seconds = time.perf_counter() - start
-    bar = _Progress(n, progress)
-    start = time.perf_counter()
 
-    def host_batch(lo: int) -> tuple[np.ndarray, np.ndarray]:
-      rows = first[lo:lo + batch_size]
-      images = np.zeros((batch_size, *source.images.shape[1:]), np.uint8)
-      cats = np.zeros(batch_size, np.int32)
-      # Sorted reads from a memmap touch each page once.
-      order = np.argsort(rows)
-      images[order] = source.images[rows[order]]
-      cats[:len(rows)] = source.categories[rows]
-      return images, cats
+    def add(pos: np.ndarray, emb: np.ndarray, table=table) -> None:
+      table[pos] = emb
+      cats = np.clip(categories[pos], 0, num_categories - 1)
+      np.add.at(sums, cats, emb)
+      counts[:] += np.bincount(cats, minlength=num_categories)
 
-    pending = None  # (lo, device result) of the batch in flight
-    for lo in [*range(0, n, batch_size), None]:
-      nxt = None if lo is None else (lo, encode(*host_batch(lo)))
-      if pending is not None:
-        plo, result = pending
-        m = min(batch_size, n - plo)
-        emb = np.asarray(result)[:m]
-        table[plo:plo + m] = emb
-        cats = np.clip(categories[plo:plo + m], 0, num_categories - 1)
-        np.add.at(sums, cats, emb)
-        counts += np.bincount(cats, minlength=num_categories)
-        bar.update(plo + m)
-      pending = nxt
-    seconds = time.perf_counter() - start
+    if base is not None:
+      _copy_base(base, np.searchsorted(ids, base.ids), categories, add)
+    timing = _encode_rows(encode, source, first, new_pos, batch_size, add,
+                          progress)
     table.flush()
-    del table
+    del add, table  # closes the memory map
     global_mean = sums.sum(0) / max(counts.sum(), 1)
     mean = np.where(counts[:, None] > 0,
                     sums / np.maximum(counts, 1)[:, None], global_mean)
     np.save(os.path.join(tmp, IDS_FILE), ids)
-    np.save(os.path.join(tmp, CATEGORIES_FILE), categories.astype(np.int32))
+    np.save(os.path.join(tmp, CATEGORIES_FILE), categories)
     np.save(os.path.join(tmp, CATEGORY_MEAN_FILE), mean.astype(np.float32))
+    raw = _raw_ids(ids, base, source, first, new_pos)
+    if raw is not None:
+      np.save(os.path.join(tmp, RAW_IDS_FILE), raw)
+    seconds = timing["seconds"]
     meta = {"format_version": FORMAT_VERSION, **meta, "d": d,
-            "dtype": "float32", "num_rows": n,
-            "duplicate_ids_dropped": int(len(source.ids) - n),
-            "source": source.name, "batch_size": batch_size,
-            "seconds": round(seconds, 3),
-            "compile_seconds": round(compile_seconds, 3),
-            "images_per_sec": round(n / max(seconds, 1e-9), 1),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "dtype": "float32", "num_rows": n, "new_rows": len(new_ids),
+            "base_table": base.path if base is not None else None,
+            "duplicate_ids_dropped": int(len(source.ids)
+                                         - len(np.unique(source.ids))),
+            "source": source.name, "batch_size": batch_size, **timing,
+            "images_per_sec": round(len(new_ids) / max(seconds, 1e-9), 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created_unix": time.time()}
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(meta, f, indent=2, default=str)
-    os.chmod(tmp, 0o755)
-    old = None
-    if os.path.exists(out_dir):  # overwrite: move aside, swap in, delete
-      old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out_dir)}-",
-                             dir=parent)
-      os.rename(out_dir, os.path.join(old, "table"))
-    os.rename(tmp, out_dir)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    _commit(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  logging.info("wrote %s: %d embeddings of d=%d in %.1fs (%.0f images/s)",
-               out_dir, n, d, seconds, meta["images_per_sec"])
+  logging.info("wrote %s: %d embeddings (%d new) of d=%d in %.1fs "
+               "(%.0f images/s)", out_dir, n, len(new_ids), d, seconds,
+               meta["images_per_sec"])
   return meta
 
 
-def _write_remote(out_dir: str, model: ctr.CTRModel, source: ImageSource,
-                  overwrite: bool, **kwargs) -> dict[str, Any]:
-  """write_table to a URL: written locally, then uploaded, meta.json last.
+def _copy_base(base: EmbeddingTable, pos: np.ndarray, categories: np.ndarray,
+               add: Any, chunk: int = 65536) -> None:
+  """The base table's rows into their places, a chunk at a time."""
+  categories[pos] = base.categories
+  for lo in range(0, len(pos), chunk):
+    add(pos[lo:lo + chunk], np.asarray(base.embeddings[lo:lo + chunk]))
 
-  Readers take a table as complete iff meta.json exists. Overwriting
-  deletes the old table first (object stores cannot swap directories), so
-  a reader may find none for a moment, never a mix.
-  """
-  if storage.exists(storage.join(out_dir, META_FILE)) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists (pass overwrite=True / "
-                          "--overwrite to replace it)")
-  local = storage.mirror_path(out_dir)  # EmbeddingTable reads it from there
-  meta = write_table(local, model, source, overwrite=True, **kwargs)
-  storage.remove(out_dir)
-  storage.upload_dir(local, out_dir, META_FILE)
-  return meta
+
+def _raw_ids(ids: np.ndarray, base: EmbeddingTable | None,
+             source: ImageSource, first: np.ndarray,
+             new_pos: np.ndarray) -> np.ndarray | None:
+  """raw_ids.npy of the new table, if the base or the source has them."""
+  base_raw = base.raw_ids if base is not None else None
+  if base_raw is None and source.raw_ids is None:
+    return None
+  raw = ids.astype(np.str_).astype(object)  # default: the key in decimal
+  if base_raw is not None:
+    raw[np.searchsorted(ids, base.ids)] = base_raw
+  if source.raw_ids is not None:
+    raw[new_pos] = source.raw_ids[first]
+  raw = raw.astype(np.str_)
+  if len(np.unique(raw)) != len(raw):
+    raise ValueError(f"{source.name}: raw_ids are not unique per id")
+  return raw
+
+
+def _encode_rows(encode: Any, source: ImageSource, first: np.ndarray,
+                 pos: np.ndarray, batch_size: int, add: Any,
+                 progress: bool) -> dict[str, float]:
+  """Embeds source rows `first` into table rows `pos`, double-buffered."""
+  n = len(first)
+  if not n:
+    return {"seconds": 0.0, "compile_seconds": 0.0}
+  # Compile first (one fixed batch shape), so images/s is the steady rate.
+  start = time.perf_counter()
+  jax.block_until_ready(encode(
+      np.zeros((batch_size, *source.images.shape[1:]), np.uint8),
+      np.zeros(batch_size, np.int32)))
+  compile_seconds = time.perf_counter() - start
+  bar = progress_lib.ProgressLine("export", "images", n, enabled=progress)
+  start = time.perf_counter()
+
+  def host_batch(lo: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = first[lo:lo + batch_size]
+    images = np.zeros((batch_size, *source.images.shape[1:]), np.uint8)
+    cats = np.zeros(batch_size, np.int32)
+    # Sorted reads from a memmap touch each page once.
+    order = np.argsort(rows)
+    images[order] = source.images[rows[order]]
+    cats[:len(rows)] = source.categories[rows]
+    return images, cats
+
+  pending = None  # (lo, device result) of the batch in flight
+  for lo in [*range(0, n, batch_size), None]:
+    nxt = None if lo is None else (lo, encode(*host_batch(lo)))
+    if pending is not None:
+      plo, result = pending
+      m = min(batch_size, n - plo)
+      add(pos[plo:plo + m], np.asarray(result)[:m])
+      bar.update(plo + m)
+    pending = nxt
+  return {"seconds": round(time.perf_counter() - start, 3),
+          "compile_seconds": round(compile_seconds, 3)}
+
+
+def _commit(tmp: str, out_dir: str) -> None:
+  """Renames the finished tmp directory into place (replacing out_dir)."""
+  os.chmod(tmp, 0o755)
+  parent = os.path.dirname(tmp)
+  old = None
+  if os.path.exists(out_dir):  # overwrite: move aside, swap in, delete
+    old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(out_dir)}-",
+                           dir=parent)
+    os.rename(out_dir, os.path.join(old, "table"))
+  os.rename(tmp, out_dir)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export(workdir: str, images: str | None = None, output: str | None = None,
            step: int | None = None, batch_size: int = 256,
-           progress: bool = True, overwrite: bool = False) -> str:
+           progress: bool = True, overwrite: bool = False,
+           base_table: str | None = None) -> str:
   """Writes the embedding table of `workdir`'s checkpoint; returns its path.
 
   Args:
@@ -333,10 +380,19 @@ def export(workdir: str, images: str | None = None, output: str | None = None,
     batch_size: images per encoder call.
     progress: print a progress line to stderr.
     overwrite: replace an existing table at `output`.
+    base_table: an incremental export (--only_new): embed only the images
+      this table lacks, copy its rows; it must be of the same checkpoint.
+      `output` then defaults to the next version beside it (6 -> 6.1 -> 6.2).
   """
   if output and storage.exists(output) and not overwrite:  # before restoring
     raise FileExistsError(f"{output} exists (--overwrite to replace it)")
   model, config, info, step = rundir.restore_model(workdir, step)
+  output = output or (next_version(base_table) if base_table else
+                      storage.join(workdir, TABLES_DIR, str(step)))
+  # A URL: written into its local mirror (which EmbeddingTable then reads),
+  # then uploaded with meta.json last, the commit marker. Overwriting a URL
+  # deletes the old table first: a reader may find none, never a mix.
+  local = storage.mirror_path(output)
   if images is None:
     _, _, images = rundir.load_run_files(workdir)
     if not prepared.is_prepared(images):  # moved, or another machine
@@ -345,120 +401,43 @@ def export(workdir: str, images: str | None = None, output: str | None = None,
       images = pipeline.prepare_dataset(config)  # cached by config
   source = load_images(images)
   _check_source(source, info)
-  output = output or storage.join(workdir, TABLES_DIR, str(step))
   meta = {"step": step, "config_hash": config_hash(config.model, info),
           "encoder_hash": encoder_hash(model), "workdir": workdir,
           "d": int(config.model.visual_dim), "model": config.model.to_dict()}
-  write_table(output, model, source, num_categories=info.num_categories,
+  base = None
+  if base_table is not None:
+    base = EmbeddingTable(base_table)
+    # Rows of two encoders must not mix in one table.
+    base.check(meta["config_hash"], meta["encoder_hash"], step)
+  write_table(local, model, source, num_categories=info.num_categories,
               meta=meta, batch_size=batch_size, progress=progress,
-              overwrite=overwrite)
+              overwrite=overwrite or local != output, base=base)
+  if local != output:
+    storage.remove(output)
+    storage.upload_dir(local, output, META_FILE)
   return output
 
 
-# ---------------------------------------------------------------- reading
+def next_version(table_path: str) -> str:
+  """The directory beside `table_path` for its next version: STEM.K+1."""
+  parent, name = os.path.split(os.path.normpath(table_path))
+  stem = name.split(".")[0]
+  k = 0
+  for other in os.listdir(parent):
+    head, _, tail = other.partition(".")
+    if head == stem and tail.isdigit():
+      k = max(k, int(tail))
+  return os.path.join(parent, f"{stem}.{k + 1}")
 
 
-class EmbeddingTable:
-  """A table written by write_table, embeddings memory-mapped (read-only)."""
+class _QuietOrbax(py_logging.Filter):
+  """Orbax logs a dozen INFO lines per restore; keep its warnings."""
 
-  def __init__(self, path: str):
-    if storage.is_remote(path):  # memmapped: read from a local mirror
-      path = storage.local_mirror(path, META_FILE)
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path):
-      raise FileNotFoundError(f"{meta_path} not found: not an embedding table "
-                              "(write one with python -m csctr.export)")
-    with open(meta_path) as f:
-      self.meta: dict[str, Any] = json.load(f)
-    if self.meta.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{path}: table format "
-                       f"{self.meta.get('format_version')}, this code reads "
-                       f"{FORMAT_VERSION}")
-    self.path = path
-    self.embeddings = np.load(os.path.join(path, EMBEDDINGS_FILE),
-                              mmap_mode="r")
-    self.ids = np.load(os.path.join(path, IDS_FILE))
-    self.categories = np.load(os.path.join(path, CATEGORIES_FILE))
-    self.category_mean = np.load(os.path.join(path, CATEGORY_MEAN_FILE))
-    # Ids 0..N-1 (a prepared dataset's items): the row is the id itself.
-    n = len(self.ids)
-    self._dense = bool(n == 0 or (self.ids[0] == 0 and self.ids[-1] == n - 1))
-
-  @property
-  def dim(self) -> int:
-    return int(self.meta["d"])
-
-  def __len__(self) -> int:
-    return len(self.ids)
-
-  def lookup(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row int64 [n], found bool [n]); rows of missing ids are 0."""
-    image_ids = np.asarray(image_ids, np.int64)
-    if self._dense:
-      found = (image_ids >= 0) & (image_ids < len(self.ids))
-      return np.where(found, image_ids, 0), found
-    pos = np.searchsorted(self.ids, image_ids)
-    pos = np.minimum(pos, max(len(self.ids) - 1, 0))
-    found = self.ids[pos] == image_ids if len(self.ids) else pos < 0
-    return np.where(found, pos, 0), found
-
-  def check(self, expected_config_hash: str, expected_encoder_hash: str,
-            step: int | None = None, allow_other_checkpoint: bool = False
-            ) -> None:
-    """Refuses a table of another model (or, by default, checkpoint)."""
-    if self.meta["config_hash"] != expected_config_hash:
-      raise ValueError(
-          f"embedding table {self.path} was built from another model: its "
-          f"config hash {self.meta['config_hash'][:12]} != this model's "
-          f"{expected_config_hash[:12]} (model config or dataset vocabulary "
-          "differ); rebuild it with python -m csctr.export --workdir=...")
-    if (self.meta["encoder_hash"] != expected_encoder_hash
-        and not allow_other_checkpoint):
-      raise ValueError(
-          f"embedding table {self.path} holds the embeddings of another "
-          f"checkpoint (table step {self.meta['step']}, model step {step}; "
-          "encoder parameters differ): re-export it for this step, or pass "
-          "allow_other_checkpoint=True to accept stale embeddings")
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or "/orbax/" not in record.pathname.replace("\\", "/"))
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def _cli() -> None:
-  """Flags are defined here, not at import: csctr.main owns --workdir too."""
-  workdir = flags.DEFINE_string("workdir", None, "Training run directory.")
-  images = flags.DEFINE_string(
-      "images", None, "Prepared dataset dir or .npz (images, categories"
-      "[, ids]); default: the run's dataset.")
-  output = flags.DEFINE_string(
-      "output", None, "Table directory (default WORKDIR/embedding_tables/"
-      "STEP).")
-  step = flags.DEFINE_integer("step", None, "Checkpoint step (default latest).")
-  batch = flags.DEFINE_integer("batch_size", 256, "Images per encoder call.")
-  overwrite = flags.DEFINE_bool("overwrite", False, "Replace an existing "
-                                "table.")
-  flags.mark_flags_as_required(["workdir"])
-
-  class QuietOrbax(py_logging.Filter):
-    """Orbax logs a dozen INFO lines per restore; keep its warnings."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-      return (record.levelno >= py_logging.WARNING
-              or "/orbax/" not in record.pathname.replace("\\", "/"))
-
-  def main(argv):
-    logging.get_absl_handler().addFilter(QuietOrbax())
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = export(workdir.value, images.value, output.value, step.value,
-                  batch.value, overwrite=overwrite.value)
-    meta = EmbeddingTable(path).meta
-    print(json.dumps({"path": path, **{k: meta[k] for k in (
-        "step", "num_rows", "d", "images_per_sec", "seconds",
-        "config_hash")}}))
-
-  app.run(main)
-
-
-if __name__ == "__main__":
-  _cli()
+def quiet_orbax_logging() -> None:
+  """For command-line tools that restore: absl's handler drops Orbax INFO."""
+  logging.get_absl_handler().addFilter(_QuietOrbax())

@@ -46,7 +46,9 @@ Scorer.stats accumulates them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import threading
 from typing import Any, Mapping
 
 from absl import logging
@@ -76,12 +78,15 @@ class ServingConfig:
     allow_other_checkpoint: accept a table exported from another checkpoint
       of the same model (stale embeddings unless the encoder was frozen).
     warmup_calls: calls per bucket at construction, after compiling.
+    max_requests: requests one score_many call may merge (behaviour
+      embeddings are passed per request, padded to this many).
   """
 
   buckets: tuple[int, ...] = (16, 64, 256, 1024)
   fallback: str = "cnn"
   allow_other_checkpoint: bool = False
   warmup_calls: int = 3
+  max_requests: int = 64
 
 
 @dataclasses.dataclass
@@ -100,39 +105,6 @@ class ScoreResult:
     return 1.0 / (1.0 + np.exp(-self.logits))
 
 
-# One request at a time: Eigen's thread pool only adds handoffs (and, on a
-# busy machine, waits for a second core) to kernels this small.
-SINGLE_THREAD_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false",)
-
-
-def configure_cpu_serving(single_thread: bool = True) -> bool:
-  """Sets up JAX's CPU client for latency; call before any JAX computation.
-
-  By default JAX hands each CPU computation to a worker thread (async
-  dispatch), and Eigen kernels use a thread pool: both serve throughput (a
-  training loop runs ahead), but a scorer waits for every result at once,
-  so each handoff is latency. Inline dispatch cut p50 by ~45% at N=1 and
-  by ~25% at N=200 in benchmarks/serving.py. (XLA's CPU runtime still
-  spreads the largest buckets' kernels over its own pool; no flag turns that
-  off in jax 0.10.) Scale out with a process per core. Both options are read
-  when JAX creates its CPU client: hence "before any JAX computation".
-
-  Returns:
-    False when a backend already existed (nothing then changes).
-  """
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
-    logging.warning("configure_cpu_serving(): JAX's backends already exist;"
-                    " CPU dispatch and threads stay as they were")
-    return False
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-  if single_thread:
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = " ".join(
-        flags + [f for f in SINGLE_THREAD_XLA_FLAGS if f not in flags])
-  return True
-
-
 def _head_only(model: ctr.CTRModel) -> ctr.CTRModel:
   """The model minus its encoder, sharing the arrays.
 
@@ -143,6 +115,34 @@ def _head_only(model: ctr.CTRModel) -> ctr.CTRModel:
   head = nnx.merge(graphdef, state)  # new Variables, the same jax arrays
   head.encoder = nnx.data(None)
   return head
+
+
+@functools.lru_cache(maxsize=16)
+def _score_jit(graphdef: nnx.GraphDef, treedef: Any, num_behaviors: int,
+               use_image: bool):
+  """The jitted head for one model structure (cached: compiled once).
+
+  score(leaves, sparse [B, F], dense [B, D], ad_emb [B, d],
+        beh_emb [R, L, d], beh_mask [R, L], owner int32 [B]) -> logits [B]
+  Rows of several requests share one call: `owner` names each row's request,
+  whose L behaviour embeddings sit in beh_emb[owner].
+  """
+
+  def score(leaves, sparse, dense, ad_emb, beh_emb, beh_mask, owner):
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    n = sparse.shape[0]
+    batch = {"sparse": sparse, "dense": dense,
+             "ad_image": jnp.arange(n, dtype=jnp.int32)}
+    emb = ad_emb
+    if num_behaviors:
+      r = beh_emb.shape[0]
+      emb = jnp.concatenate([ad_emb, beh_emb.reshape(r * num_behaviors, -1)])
+      batch["behavior_images"] = (n + owner[:, None] * num_behaviors
+                                  + jnp.arange(num_behaviors, dtype=jnp.int32))
+      batch["behavior_mask"] = beh_mask[owner]
+    return model.score(batch, emb if use_image else None)
+
+  return jax.jit(score)
 
 
 class Scorer:
@@ -179,7 +179,11 @@ class Scorer:
     # A flat list of arrays: flattening nnx Variables on every call costs
     # ~10 us, a fifth of a small request.
     self._state, treedef = jax.tree.flatten(state)
-    self._score_jit = jax.jit(self._make_score_fn(graphdef, treedef))
+    # Shared by Scorers of the same model structure: a hot-swapped
+    # checkpoint (csctr/serving/server.py) compiles nothing.
+    self._score_jit = _score_jit(graphdef, treedef, self._num_behaviors,
+                                 self.use_image)
+    self._stats_lock = threading.Lock()
     self.stats = {"requests": 0, "candidates": 0, "misses": 0,
                   "cnn_fallbacks": 0, "mean_fallbacks": 0,
                   "behavior_misses": 0}
@@ -206,32 +210,14 @@ class Scorer:
 
   # ---------------------------------------------------------------- jit
 
-  def _make_score_fn(self, graphdef: nnx.GraphDef, treedef: Any):
-    num_behaviors = self._num_behaviors
-
-    def score(leaves, sparse, dense, ad_emb, beh_emb, beh_mask):
-      model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-      n = sparse.shape[0]
-      batch = {"sparse": sparse, "dense": dense,
-               "ad_image": jnp.arange(n, dtype=jnp.int32)}
-      emb = ad_emb
-      if num_behaviors:
-        emb = jnp.concatenate([ad_emb, beh_emb])
-        rows = n + jnp.arange(num_behaviors, dtype=jnp.int32)
-        batch["behavior_images"] = jnp.broadcast_to(rows, (n, num_behaviors))
-        batch["behavior_mask"] = jnp.broadcast_to(beh_mask, (n, num_behaviors))
-      return model.score(batch, emb if self.use_image else None)
-
-    return score
-
   def _inputs(self, n: int) -> list[np.ndarray]:
     """Zero inputs of the score function for a bucket of n candidates."""
     d = self._dim if self.use_image else 0
-    l = self._num_behaviors
+    l, r = self._num_behaviors, self.config.max_requests
     return [np.zeros((n, len(self._vocab)), np.int32),
             np.zeros((n, self.info.num_dense), np.float32),
-            np.zeros((n, d), np.float32), np.zeros((l, d), np.float32),
-            np.zeros((l,), np.bool_)]
+            np.zeros((n, d), np.float32), np.zeros((r, l, d), np.float32),
+            np.zeros((r, l), np.bool_), np.zeros((n,), np.int32)]
 
   def _warmup(self) -> None:
     for b in self.config.buckets:
@@ -277,26 +263,25 @@ class Scorer:
                     0).astype(np.int32)
 
   def _dense(self, request: Mapping[str, Any], n: int) -> np.ndarray:
-    if not self.info.num_dense:
-      return np.zeros((n, 0), np.float32)
+    if not self.info.num_dense or not n:
+      return np.zeros((n, self.info.num_dense), np.float32)
     dense = np.asarray(request["candidates"].get("dense"), np.float32)
     if dense.shape != (n, self.info.num_dense):
       raise ValueError(f"candidates['dense'] must be float [{n}, "
                        f"{self.info.num_dense}], got {dense.shape}")
     return dense
 
-  def _behaviors(self, request: Mapping[str, Any],
-                 result: ScoreResult) -> tuple[np.ndarray, np.ndarray]:
-    l, d = self._num_behaviors, self._dim
-    emb, mask = np.zeros((l, d), np.float32), np.zeros((l,), np.bool_)
-    ids = np.asarray(request.get("behavior_ids", ()), np.int64)[:l]
+  def _behaviors(self, request: Mapping[str, Any], emb: np.ndarray,
+                 mask: np.ndarray, result: ScoreResult) -> None:
+    """Gathers the first L behaviour embeddings into emb [L, d], mask [L]."""
+    ids = np.asarray(request.get("behavior_ids", ()), np.int64)
+    ids = ids[:self._num_behaviors]
     if ids.size:
       rows, found = self.table.lookup(ids)
       valid = ids >= 0  # -1 = no behaviour, as in the data
       result.behavior_misses = int((valid & ~found).sum())
       mask[:len(ids)] = valid & found
       np.take(self._emb, rows, axis=0, out=emb[:len(ids)])
-    return emb, mask
 
   def _ad_embeddings(self, cands: Mapping[str, Any], sparse: np.ndarray,
                      out: np.ndarray, result: ScoreResult) -> None:
@@ -322,8 +307,12 @@ class Scorer:
                         & (category < self.info.num_categories), category, 0)
     use_cnn = np.zeros(len(miss), bool)
     if self.config.fallback == "cnn" and cands.get("images") is not None:
-      use_cnn[:] = True
-      out[miss] = self._embed(np.asarray(cands["images"])[miss], category)
+      # image_mask: which rows carry pixels (default: all of them)
+      use_cnn[:] = np.asarray(cands.get("image_mask", np.ones(n, bool)),
+                              bool)[miss]
+      if use_cnn.any():
+        out[miss[use_cnn]] = self._embed(
+            np.asarray(cands["images"])[miss[use_cnn]], category[use_cnn])
     mean = miss[~use_cnn]
     out[mean] = self.table.category_mean[category[~use_cnn]]
     result.cnn_fallbacks += int(use_cnn.sum())
@@ -348,39 +337,75 @@ class Scorer:
 
   def score(self, request: Mapping[str, Any]) -> ScoreResult:
     """Logits of the request's candidates (empty in, empty out)."""
+    return self.score_many([request])[0]
+
+  def _prepare(self, request: Mapping[str, Any], beh_emb: np.ndarray,
+               beh_mask: np.ndarray) -> tuple[ScoreResult, list[np.ndarray]]:
+    """One request's rows: (result, [sparse, dense, ad embeddings])."""
     cands = request.get("candidates") or {}
     n = len(cands.get("image_id", ())) if self.use_image else (
         len(next(iter(cands.values()))) if cands else 0)
     result = ScoreResult(logits=np.zeros((0,), np.float32))
-    if n == 0:
-      self.stats["requests"] += 1
-      return result
-    sparse = self._sparse(request, n)
+    sparse = self._sparse(request, n) if n else np.zeros(
+        (0, len(self._vocab)), np.int32)
     dense = self._dense(request, n)
-    d = self._dim if self.use_image else 0
-    ad = np.zeros((n, d), np.float32)
-    l = self._num_behaviors
-    beh_emb, beh_mask = np.zeros((l, d), np.float32), np.zeros((l,), np.bool_)
-    if self.use_image:
+    ad = np.zeros((n, self._dim if self.use_image else 0), np.float32)
+    if self.use_image and n:
       self._ad_embeddings(cands, sparse, ad, result)
-      if l:
-        beh_emb, beh_mask = self._behaviors(request, result)
-    logits = []
-    step = self.config.buckets[-1]
-    for lo in range(0, n, step):  # chunks beyond the largest bucket
+      if self._num_behaviors:
+        self._behaviors(request, beh_emb, beh_mask, result)
+    return result, [sparse, dense, ad]
+
+  def score_many(self, requests: list[Mapping[str, Any]]
+                 ) -> list[ScoreResult]:
+    """Scores several requests in one jitted call per largest bucket.
+
+    The micro-batching server merges concurrent requests through this; the
+    rows of all requests are concatenated, each with its request's index, so
+    a request's logits do not depend on its batch-mates.
+    """
+    if len(requests) > self.config.max_requests:
+      raise ValueError(f"{len(requests)} requests > ServingConfig."
+                       f"max_requests={self.config.max_requests}")
+    inputs = self._inputs(0)
+    beh_emb, beh_mask = inputs[3], inputs[4]
+    results, rows = [], []
+    for i, request in enumerate(requests):
+      result, arrays = self._prepare(request, beh_emb[i], beh_mask[i])
+      results.append(result)
+      rows.append(arrays)
+    counts = [len(r[0]) for r in rows]
+    n = sum(counts)
+    if n:
+      sparse, dense, ad = (np.concatenate(x) for x in zip(*rows))
+      owner = np.repeat(np.arange(len(requests), dtype=np.int32), counts)
+      logits, bucket = self._run([sparse, dense, ad], beh_emb, beh_mask,
+                                 owner)
+      for result, part in zip(results, np.split(logits, np.cumsum(counts))):
+        result.logits, result.bucket = part, bucket
+    with self._stats_lock:
+      self.stats["requests"] += len(requests)
+      self.stats["candidates"] += n
+      for k in ("misses", "cnn_fallbacks", "mean_fallbacks",
+                "behavior_misses"):
+        self.stats[k] += sum(getattr(r, k) for r in results)
+    return results
+
+  def _run(self, rows: list[np.ndarray], beh_emb: np.ndarray,
+           beh_mask: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, int]:
+    """The jitted head over rows [n, ...], padded, in chunks of the largest
+    bucket; returns (logits [n], the bucket of the last chunk)."""
+    n, step, out = len(owner), self.config.buckets[-1], []
+    for lo in range(0, n, step):
       m = min(step, n - lo)
-      b = result.bucket = self.bucket(m)
-      args = self._inputs(b)[:3]
-      args[0][:m], args[1][:m], args[2][:m] = (
-          sparse[lo:lo + m], dense[lo:lo + m], ad[lo:lo + m])
-      logits.append(np.asarray(self._score_jit(
-          self._state, *args, beh_emb, beh_mask))[:m])
-    result.logits = np.concatenate(logits)
-    self.stats["requests"] += 1
-    for k in ("misses", "cnn_fallbacks", "mean_fallbacks", "behavior_misses"):
-      self.stats[k] += getattr(result, k)
-    self.stats["candidates"] += n
-    return result
+      b = self.bucket(m)
+      args = self._inputs(b)
+      for arg, x in zip(args[:3], rows):
+        arg[:m] = x[lo:lo + m]
+      args[5][:m] = owner[lo:lo + m]
+      out.append(np.asarray(self._score_jit(
+          self._state, *args[:3], beh_emb, beh_mask, args[5]))[:m])
+    return np.concatenate(out), b
 
   # ---------------------------------------------------------------- StableHLO
 
@@ -397,11 +422,19 @@ class Scorer:
     """
     os.makedirs(directory, exist_ok=True)
     state = self._state
-    fn = jax.jit(lambda *args: self._score_jit(state, *args))
+
+    @jax.jit
+    def fn(sparse, dense, ad, beh_emb, beh_mask):  # one request: R = 1
+      owner = jnp.zeros(sparse.shape[:1], jnp.int32)
+      return self._score_jit(state, sparse, dense, ad, beh_emb[None],
+                             beh_mask[None], owner)
+
     paths = []
     for b in buckets or self.config.buckets:
+      sparse, dense, ad, beh_emb, beh_mask, _ = self._inputs(b)
       exported = jax.export.export(fn)(*[
-          jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._inputs(b)])
+          jax.ShapeDtypeStruct(x.shape, x.dtype)
+          for x in (sparse, dense, ad, beh_emb[0], beh_mask[0])])
       base = os.path.join(directory, f"score_n{b}")
       with open(base + ".jax_exported", "wb") as f:
         f.write(exported.serialize())

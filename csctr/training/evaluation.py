@@ -36,8 +36,7 @@ def evaluate(eval_step, state: State, config: ml_collections.ConfigDict,
 
 def write_eval(workdir: str, writer: SummaryWriter | None, step: int,
                split: str, values: dict[str, Any]) -> dict[str, Any]:
-  record = {"step": step, "split": split,
-            **metrics_lib.json_safe(values)}
+  record = rundir.eval_record(step, split, values)
   logging.info("eval %s step %d: %s", split, step, " ".join(
       f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
       for k, v in values.items()))

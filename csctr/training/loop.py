@@ -9,7 +9,6 @@ directory's files, which export and serving read back).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from absl import logging
@@ -19,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
-from csctr import metrics as metrics_lib
+from csctr import progress as progress_lib
 from csctr import rundir
 from csctr import storage
 from csctr.data import pipeline
@@ -50,7 +49,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
   return path or pipeline.prepare_dataset(config)
 
 
-class _Progress:
+class _StepLog:
   """Deferred loss checks and progress lines.
 
   Step metrics stay on device until a log, eval or checkpoint boundary, so
@@ -61,7 +60,7 @@ class _Progress:
   def __init__(self, start_step: int, total: int, writer):
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
     self.total, self.writer = total, writer
-    self.t0, self.s0 = time.perf_counter(), start_step
+    self.meter = progress_lib.Meter(total, start_step)
 
   def flush(self, log: bool) -> None:
     if not self.pending:
@@ -78,10 +77,8 @@ class _Progress:
     if not log:
       return
     step = steps[-1]
-    dt = max(time.perf_counter() - self.t0, 1e-9)
-    rate = sum(int(v["impressions"]) for v in values) / dt
-    steps_per_s = (step - self.s0) / dt
-    eta = (self.total - step) / max(steps_per_s, 1e-9)
+    rate = sum(int(v["impressions"]) for v in values) / self.meter.elapsed()
+    steps_per_s, eta = self.meter.rate(step), self.meter.eta(step)
     loss = float(np.mean([v["loss"] for v in values]))
     lr = float(values[-1]["learning_rate"])
     logging.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.0f "
@@ -97,15 +94,15 @@ class _Progress:
 
   def restart(self, step: int) -> None:
     """Starts a new timing window (after evals and saves, which aren't steps)."""
-    self.t0, self.s0 = time.perf_counter(), step
+    self.meter.restart(step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains config's model, evaluating and checkpointing; resumes from workdir.
 
-  Returns the final eval record (step, split, auc, gauc, logloss,
-  calibration, cold_auc, bayes_auc when known).
+  Returns the final eval record (rundir.eval_record: step, split and
+  metrics.EVAL_FIELDS).
   """
   storage.makedirs(workdir)
   mesh = mesh_lib.make_mesh(config)
@@ -142,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                           else None) if jax.process_index() == 0 else None)
 
   total = config.num_train_steps
-  progress = _Progress(start_step, total, writer)
+  progress = _StepLog(start_step, total, writer)
   record = None
   try:
     for step in range(start_step + 1, total + 1):
@@ -176,8 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # (the eval is collective, and only process 0 may see the log file);
     # the result is the logged final eval, bit for bit, and is not re-logged.
     values = evaluation.evaluate(eval_step, state, config, data_path, info, data_sharding)
-    record = {"step": total, "split": "test",
-              **metrics_lib.json_safe(values)}
+    record = rundir.eval_record(total, "test", values)
     if jax.process_index() == 0 and record not in rundir.read_eval_log(workdir):
       with SummaryWriter(workdir) as writer:
         evaluation.write_eval(workdir, writer, total, "test", values)

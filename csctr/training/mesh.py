@@ -54,13 +54,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 # wins. A leaf's path is its key path joined by '/', e.g.
 # 'params/id_embed/user_id/embedding'; optimizer slots end with their
 # parameter's path ('opt_state/.../sum_of_squares/id_embed/user_id/embedding'),
-# so they always follow their parameter. A rule is skipped when its switch is
-# off or its spec does not split the leaf evenly (XLA needs even shards), so
-# e.g. a table whose rows do not divide over 'model' falls through.
+# so they always follow their parameter; so do the ID tables' slots
+# ('embed_opt/accumulator/id_embed/user_id/embedding'). A rule is skipped when
+# its switch is off or, for FSDP, its spec does not split the leaf evenly (XLA
+# needs even shards). A table whose rows do not split is an error instead:
+# replicating it silently would cost every device the whole table.
 FSDP = "fsdp"  # spec placeholder: the largest dim that divides over 'data'
+ROWS = "rows"  # spec placeholder: dim 0 over mesh.embedding_axes
 SHARDING_RULES: tuple[tuple[str, str | None, P | str], ...] = (
-    # ID tables: rows over 'model' (the large, sparsely updated part).
-    (r"(^|/)id_embed/[^/]+/embedding$", "shard_embeddings", P("model", None)),
+    # ID tables and their slots: rows over mesh.embedding_axes (the large,
+    # sparsely updated part).
+    (r"(^|/)id_embed/[^/]+/embedding$", "shard_embeddings", ROWS),
     # Dense leaves of at least mesh.fsdp_min_size elements: FSDP over 'data'.
     (r"", "fsdp", FSDP),
     # Everything else: replicated (plain data parallelism).
@@ -86,16 +90,37 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh,
   return P(*spec)
 
 
+def axis_size(mesh: jax.sharding.Mesh, axes: str | tuple[str, ...]) -> int:
+  """Devices along one mesh axis or the product of several."""
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _divides(spec: P, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> bool:
   if len(spec) > len(shape):
     return False
-  return all(axis is None or shape[i] % mesh.shape[axis] == 0
+  return all(axis is None or shape[i] % axis_size(mesh, axis) == 0
              for i, axis in enumerate(spec))
+
+
+def _rows_spec(name: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh,
+               axes: tuple[str, ...]) -> P:
+  """Dim 0 over `axes`; an error when the rows do not split evenly."""
+  spec = P(axes[0] if len(axes) == 1 else tuple(axes),
+           *[None] * (len(shape) - 1))
+  if not _divides(spec, shape, mesh):
+    n = axis_size(mesh, tuple(axes))
+    raise ValueError(
+        f"{name}: {shape[0]} rows do not split over the {n} devices of mesh "
+        f"axes {tuple(axes)}; make model.table_row_multiple a multiple of "
+        f"{n} (tables are padded to it)")
+  return spec
 
 
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
                    mesh: jax.sharding.Mesh, shard_embeddings: bool,
-                   fsdp: bool, fsdp_min_size: int) -> P:
+                   fsdp: bool, fsdp_min_size: int,
+                   embedding_axes: tuple[str, ...]) -> P:
   """The spec of one train-state leaf (params and optimizer slots), by SHARDING_RULES."""
   name = "/".join(str(k) for k in path)
   switches = {"shard_embeddings": shard_embeddings, "fsdp": fsdp}
@@ -104,6 +129,8 @@ def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
       continue
     if not re.search(pattern, name):
       continue
+    if spec == ROWS:
+      return _rows_spec(name, tuple(shape), mesh, tuple(embedding_axes))
     if spec == FSDP:
       spec = _fsdp_spec(tuple(shape), mesh, fsdp_min_size)
     if spec is not None and _divides(spec, tuple(shape), mesh):
@@ -113,11 +140,12 @@ def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...],
 
 def state_shardings(abstract: State, mesh: jax.sharding.Mesh,
                     shard_embeddings: bool, fsdp: bool,
-                    fsdp_min_size: int) -> State:
+                    fsdp_min_size: int,
+                    embedding_axes: tuple[str, ...]) -> State:
   return jax.tree_util.tree_map_with_path(
       lambda p, x: NamedSharding(mesh, partition_spec(
           optim.key_path_to_tuple(p), x.shape, mesh, shard_embeddings, fsdp,
-          fsdp_min_size)),
+          fsdp_min_size, embedding_axes)),
       abstract)
 
 
@@ -126,7 +154,7 @@ def mesh_shardings(abstract: State, mesh: jax.sharding.Mesh,
   """state_shardings with the switches of config.mesh."""
   m = config.mesh
   return state_shardings(abstract, mesh, m.shard_embeddings,
-                         m.fsdp, m.fsdp_min_size)
+                         m.fsdp, m.fsdp_min_size, tuple(m.embedding_axes))
 
 
 def log_shardings(abstract_params: Any, shardings: Any) -> None:

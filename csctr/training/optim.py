@@ -1,12 +1,13 @@
-"""Optimizers: one for ID embedding tables, one for everything else.
+"""The optimizer of the dense parameters; ID tables have their own engine.
 
 CTR models mix two kinds of parameters. ID embedding rows get a gradient only
 when their ID occurs in the batch, so they want a per-row adaptive optimizer
-(Adagrad, as in production CTR systems) and a larger step; the dense weights
-(CNN, attention, DCN) want AdamW with warmup and decay. optax.multi_transform
-routes each parameter by `csctr.model.ctr.param_label`. Gradients are clipped by
-their joint global norm before the split, so one exploding table cannot hide
-behind the other optimizer.
+(Adagrad, as in production CTR systems), a larger step, and updates that
+touch only those rows: csctr/model/embeddings.py does that, outside optax.
+The dense weights (CNN, attention, DCN) want AdamW with warmup and decay:
+this module. `csctr.model.ctr.param_label` tells the two apart; the train
+step clips both kinds of gradient by their joint global norm, so one
+exploding table cannot hide behind the other optimizer.
 """
 
 from __future__ import annotations
@@ -69,17 +70,6 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _embed_tx(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  name = config.embed_optimizer
-  if name == "adagrad":
-    return optax.adagrad(config.embed_lr)
-  if name == "adam":
-    return optax.adam(config.embed_lr)
-  if name == "sgd":
-    return optax.sgd(config.embed_lr)
-  raise ValueError(f"unknown embed_optimizer {name!r}")
-
-
 def _dense_tx(config: ml_collections.ConfigDict,
               schedule: optax.Schedule) -> optax.GradientTransformation:
   name = config.dense_optimizer
@@ -95,32 +85,26 @@ def _dense_tx(config: ml_collections.ConfigDict,
 
 def make_optimizer(
     config: ml_collections.ConfigDict, num_train_steps: int,
-    param_label: Callable[[Path], str] | None = None,
     frozen: Callable[[Path], bool] | None = None,
 ) -> optax.GradientTransformation:
-  """The full optimizer for an nnx.State of parameters.
+  """The optimizer of the dense parameters (everything but the ID tables).
+
+  Clipping is not part of it: the train step clips the dense gradients and
+  the touched table rows' gradients by their joint norm
+  (csctr/training/steps.py).
 
   Args:
-    config: config.optim (embed_optimizer, embed_lr, dense_optimizer, lr,
-      weight_decay, warmup_steps, schedule, clip_norm).
+    config: config.optim (dense_optimizer, lr, weight_decay, warmup_steps,
+      schedule).
     num_train_steps: length of the cosine schedule.
-    param_label: path -> 'embed' | 'dense'; csctr.model.ctr.param_label by
-      default.
     frozen: path -> True for parameters that must not move at all (late
       fusion's encoder: a stop-gradient alone would still let weight decay
       shrink it).
   """
-  if param_label is None:
-    from csctr.model import ctr  # pylint: disable=g-import-not-at-top
-    param_label = ctr.param_label
-  schedule = dense_schedule(config, num_train_steps)
-  transforms = {"embed": _embed_tx(config), "dense": _dense_tx(config, schedule)}
-  label = param_label
-  if frozen is not None:
-    transforms["frozen"] = optax.set_to_zero()
-    label = lambda path: "frozen" if frozen(path) else param_label(path)
-  tx = optax.multi_transform(transforms,
-                             lambda params: label_tree(params, label))
-  if config.clip_norm and config.clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
-  return tx
+  tx = _dense_tx(config, dense_schedule(config, num_train_steps))
+  if frozen is None:
+    return tx
+  return optax.multi_transform(
+      {"dense": tx, "frozen": optax.set_to_zero()},
+      lambda params: label_tree(
+          params, lambda path: "frozen" if frozen(path) else "dense"))

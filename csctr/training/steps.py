@@ -21,6 +21,7 @@ import optax
 from csctr import rundir
 from csctr.data import batch as batch_lib
 from csctr.model import ctr
+from csctr.model import embeddings
 from csctr.training import losses
 from csctr.training import mesh as mesh_lib
 from csctr.training import optim
@@ -29,24 +30,44 @@ State = dict[str, Any]
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """optax for the dense parameters (the ID tables: make_row_optimizer)."""
   frozen = ctr.is_encoder_param if config.model.late_fusion else None
   return optim.make_optimizer(config.optim, config.num_train_steps,
-                              ctr.param_label, frozen=frozen)
+                              frozen=frozen)
+
+
+def make_row_optimizer(config: ml_collections.ConfigDict
+                       ) -> embeddings.RowOptimizer:
+  return embeddings.RowOptimizer.from_config(config.optim)
+
+
+def _is_table(path: tuple[Any, ...], _: Any) -> bool:
+  return ctr.param_label(path) == "embed"
+
+
+def split_tables(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+  """(ID tables, dense parameters) of a params state; nnx.merge_state joins."""
+  return nnx.split_state(params, _is_table, ...)
 
 
 def make_init_fn(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
-                 tx: optax.GradientTransformation) -> Callable[[], State]:
+                 tx: optax.GradientTransformation,
+                 row_tx: embeddings.RowOptimizer) -> Callable[[], State]:
   """The train state as a function of nothing, so it can be traced abstractly.
 
-  Keys: params (nnx.Param state), rest (other nnx variables), opt_state, step,
-  rng (key data of the base PRNG key: no layer draws randomness today, but a
-  checkpointed key keeps resume exact once one does).
+  Keys: params (nnx.Param state: ID tables and dense parameters), rest (other
+  nnx variables), opt_state (optax's, of the dense parameters), embed_opt
+  (the tables' slots, {slot: tree like the tables}), step, rng (key data of
+  the base PRNG key: id dropout draws from it, folded with the step, so a
+  resumed run draws the same).
   """
 
   def init() -> State:
     model = ctr.build_model(config.model, info, nnx.Rngs(config.seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return {"params": params, "rest": rest, "opt_state": tx.init(params),
+    tables, dense = split_tables(params)
+    return {"params": params, "rest": rest, "opt_state": tx.init(dense),
+            "embed_opt": embeddings.init_slots(row_tx, tables),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(config.seed))}
 
@@ -77,22 +98,52 @@ def make_graphdef(config: ml_collections.ConfigDict,
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    row_tx: embeddings.RowOptimizer,
                     loss_fn: Callable[..., jax.Array],
-                    schedule: optax.Schedule):
-  """(state, batch) -> (state, metrics); pure, so jit can donate the state."""
+                    schedule: optax.Schedule, config: ml_collections.ConfigDict,
+                    features: tuple[str, ...]):
+  """(state, batch) -> (state, metrics); pure, so jit can donate the state.
+
+  The ID tables are never differentiated: their batch rows are gathered
+  once, the loss is differentiated with respect to those rows, and only
+  they are updated (csctr/model/embeddings.py). Clipping and the logged
+  grad_norm cover the dense gradients and the touched rows' gradients.
+  """
+  clip_norm = config.optim.clip_norm
+  id_dropout = config.model.id_dropout
 
   def step(state: State, batch: dict[str, jax.Array]):
-    def objective(params):
-      model = nnx.merge(graphdef, params, state["rest"])
-      loss = loss_fn(model(batch), batch)
+    tables, dense = split_tables(state["params"])
+    sparse = batch["sparse"]
+    if id_dropout > 0:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]),
+                               state["step"])
+      sparse = embeddings.drop_ids(sparse, id_dropout, key)
+    found = embeddings.lookup_tables(tables, sparse, batch["weight"], features)
+
+    def objective(dense, id_embeddings):
+      model = nnx.merge(graphdef, nnx.merge_state(tables, dense),
+                        state["rest"])
+      loss = loss_fn(model(batch, id_embeddings), batch)
       return loss, nnx.state(model, nnx.Not(nnx.Param))
 
-    (loss, rest), grads = jax.value_and_grad(objective, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, params=optax.apply_updates(state["params"], updates),
-                     rest=rest, opt_state=opt_state, step=state["step"] + 1)
-    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    per_impression = {n: f.rows[f.inverse] for n, f in found.items()}
+    (loss, rest), (grads, id_grads) = jax.value_and_grad(
+        objective, argnums=(0, 1), has_aux=True)(dense, per_impression)
+    row_grads = {n: embeddings.row_gradients(id_grads[n], found[n])
+                 for n in found}
+    norm = jnp.sqrt(optax.tree.norm(grads, squared=True)
+                    + embeddings.sum_of_squares(row_grads))
+    scale = embeddings.clip_scale(norm, clip_norm)
+    updates, opt_state = tx.update(jax.tree.map(lambda g: g * scale, grads),
+                                   state["opt_state"], dense)
+    tables, embed_opt = embeddings.update_tables(
+        row_tx, tables, state["embed_opt"], found,
+        {n: g * scale for n, g in row_grads.items()}, state["step"] + 1)
+    params = nnx.merge_state(tables, optax.apply_updates(dense, updates))
+    new_state = dict(state, params=params, rest=rest, opt_state=opt_state,
+                     embed_opt=embed_opt, step=state["step"] + 1)
+    step_metrics = {"loss": loss, "grad_norm": norm,
                     "impressions": jnp.sum(batch["weight"] > 0),
                     "learning_rate": schedule(state["step"])}
     return new_state, step_metrics
@@ -140,16 +191,17 @@ class Steps:
 def build_steps(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
                 mesh: jax.sharding.Mesh) -> Steps:
   """Optimizer, model and sharded, jitted steps for `config` on `mesh`."""
-  tx = make_optimizer(config)
+  tx, row_tx = make_optimizer(config), make_row_optimizer(config)
   graphdef = make_graphdef(config, info)
-  init_fn = make_init_fn(config, info, tx)
+  init_fn = make_init_fn(config, info, tx, row_tx)
   abstract = jax.eval_shape(init_fn)
   shardings = mesh_lib.mesh_shardings(abstract, mesh, config)
   data_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
-      make_train_step(graphdef, tx, losses.LOSSES[config.loss],
-                      optim.dense_schedule(config.optim, config.num_train_steps)),
+      make_train_step(graphdef, tx, row_tx, losses.LOSSES[config.loss],
+                      optim.dense_schedule(config.optim, config.num_train_steps),
+                      config, tuple(info.sparse_features)),
       in_shardings=(shardings, data_sharding),
       out_shardings=(shardings, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef),

@@ -140,9 +140,22 @@ def convert(reviews_path: str, meta_path: str, images_dir: str,
     stats["meta_records"] += 1
     if "asin" in record:
       category[str(record["asin"])] = leaf_category(record)
+  images, users = _read_reviews(reviews_path, images_dir, stats)
+  items = sorted({a for seen in users.values() for a in seen})
+  _write_items(out_dir, items, images, category, link, stats)
+  stats["items"], stats["users"] = len(items), len(users)
+  _write_impressions(out_dir, users, items, negatives_per_positive, seed,
+                     max_behaviors, split, stats)
+  return stats
 
-  # Reviews, held as user -> {asin: first time}: negative sampling needs
-  # every user's full set anyway (an item reviewed later is no negative).
+
+def _read_reviews(reviews_path: str, images_dir: str, stats: dict[str, int]
+                  ) -> tuple[dict[str, str | None], dict[str, dict[str, int]]]:
+  """(asin -> image path or None, user -> {asin: first review time}).
+
+  Users are held whole: negative sampling needs every user's full set of
+  reviewed items anyway (an item reviewed later is no negative).
+  """
   images, users = {}, {}
   for line_no, record in read_records(reviews_path):
     try:
@@ -165,8 +178,13 @@ def convert(reviews_path: str, meta_path: str, images_dir: str,
       stats["duplicate_reviews"] += 1
       time = min(time, seen[asin])
     seen[asin] = time
+  return images, users
 
-  items = sorted({a for seen in users.values() for a in seen})
+
+def _write_items(out_dir: str, items: list[str], images: dict[str, Any],
+                 category: dict[str, str], link: str,
+                 stats: dict[str, int]) -> None:
+  """items.csv, and every item's image placed under out_dir/images."""
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   with open(os.path.join(out_dir, "items.csv"), "w", newline="") as f:
     writer = csv.writer(f)
@@ -177,8 +195,13 @@ def convert(reviews_path: str, meta_path: str, images_dir: str,
       _place_image(src, os.path.join(out_dir, rel), link)
       stats["items_without_meta"] += asin not in category
       writer.writerow((asin, category.get(asin, ""), rel))
-  stats["items"], stats["users"] = len(items), len(users)
 
+
+def _write_impressions(out_dir: str, users: dict[str, dict[str, int]],
+                       items: list[str], negatives_per_positive: int,
+                       seed: int, max_behaviors: int, split: str,
+                       stats: dict[str, int]) -> None:
+  """impressions.csv: every review a positive, plus sampled negatives."""
   rng = np.random.default_rng(seed)
   header = ["user_id", "item_id", "label", "timestamp"]
   header += ["split"] * (split == "leave_one_out")
@@ -205,7 +228,6 @@ def convert(reviews_path: str, meta_path: str, images_dir: str,
           stats["negatives"] += 1
         stats["negatives_short"] += negatives_per_positive - min(
             negatives_per_positive, len(items) - len(seen))
-  return stats
 
 
 def _negatives(rng: np.random.Generator, items: list[str],

@@ -1,0 +1,355 @@
+"""The prepare step on Apache Beam: BYOD logs -> a prepared dataset.
+
+`python -m csctr.prepare --config=... --runner=DirectRunner` (or Dataflow,
+Flink, Spark: docs/data.md) writes the same prepared dataset as the
+in-process path (csctr.data.prepare), at the same cache path, so training
+finds it and needs no change. It is the same computation, distributed:
+
+  items.csv (read by the launcher: one row per item)
+  images    Create(image shards) -> decode, check, encode, write a store
+            shard per worker (csctr.data.image_store) -> usable-image mask
+  blocks    Parquet row groups / CSV files (csctr.data.tables), row counts
+            -> the first row id of every block
+    pass 0  (timestamp splits) key histograms, merged -> the boundary
+    pass 1  parse + validate + summarize each block (byod_log.summarize),
+            merged by a CombineFn -> byod_log.plan: vocabularies (train
+            counts), user index (a side input)
+    pass 2  byod_log.emit per block -> impressions keyed by (split, shard),
+            shard = hash of the ad item, so each image's impressions meet
+            in one GroupByKey -> sort by (item, impression id) ->
+            prepare.cut_groups (the in-process Packer's cutting function)
+            -> one ArrayRecord shard per (split, shard)
+  launcher  info.json, TFDS metadata, vocab/ files; commits the directory.
+
+Scale. Workers hold one block (a Parquet row group) or one shard's
+impressions at a time; with S shards per split, a shard holds about
+impressions / (2 S) rows, so choose S (config.beam.num_shards) for ~10^6
+rows per shard. The Plan (vocabularies, user index) is a side input every
+worker holds: about 150 bytes per distinct user or feature value. A CSV
+file is read by one worker (rows cannot be located in it without reading
+it); many files or Parquet row groups read in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import apache_beam as beam
+import numpy as np
+
+from csctr.data import batch as batch_lib
+from csctr.data import byod
+from csctr.data import byod_items
+from csctr.data import byod_log
+from csctr.data import image_io
+from csctr.data import image_store
+from csctr.data import prepare as prepare_lib
+from csctr.data import prepared
+from csctr.data import registry
+
+PART_PREFIX = "part-"
+SUMMARY_FILE = "beam_summary.pkl"
+
+
+class Job:
+  """What every worker needs, built once by the launcher and pickled."""
+
+  def __init__(self, config: Any, tmp: str):
+    self.root, self.items, self.reader = byod.open_dataset(config)
+    self.tmp = tmp
+    self.name = config.dataset
+    self.size = int(config.data.image_size)
+    self.num_behaviors = int(config.data.num_behaviors)
+    self.group_size = int(config.data.group_size)
+    self.storage = config.data.get("image_storage", "raw")
+    self.resize = config.byod.resize
+    self.skip_bad = bool(config.byod.skip_bad_images)
+    self.min_count = int(config.data.min_count)
+    self.hash_buckets = int(config.data.hash_buckets)
+    if self.storage not in image_store.STORAGES:
+      raise ValueError(f"data.image_storage {self.storage!r} not in "
+                       f"{image_store.STORAGES}")
+    beam_cfg = config.get("beam") or {}
+    self.num_shards = int(beam_cfg.get("num_shards", 8))
+    self.image_shards = int(beam_cfg.get("image_shards", 8))
+    self.blocks = self.reader.table.blocks()
+    self.features = None
+
+  def group_features(self):
+    if self.features is None:  # built on the worker (TFDS objects)
+      self.features = prepare_lib.group_features(
+          3 + len(self.reader.extras), 0, self.num_behaviors)
+    return self.features
+
+
+def _images(shard: int, job: Job) -> Iterator[dict[str, Any]]:
+  """Decodes and stores one image shard; yields its usable rows, counts."""
+  rows = image_store.shard_rows(len(job.items.ids), job.image_shards, shard)
+  paths = [job.items.paths[r] for r in rows]
+  payloads, good, missing, corrupt = {}, [], 0, 0
+  for r, out in zip(rows, image_io.decode_images(paths, job.size, job.resize,
+                                                 1)):
+    if isinstance(out, image_io.BadImageError):
+      if not job.skip_bad:
+        raise byod_items.DataError(
+            os.path.join(job.root, byod.ITEMS_FILE),
+            f"bad image {out.path}: {out.reason}", job.items.lines[r],
+            "image")
+      missing += isinstance(out, image_io.MissingImageError)
+      corrupt += not isinstance(out, image_io.MissingImageError)
+      continue
+    good.append(r)
+    if job.storage == "original":
+      with open(job.items.paths[r], "rb") as f:
+        payloads[r] = f.read()
+    else:
+      payloads[r] = image_store.encode(out, job.storage)
+  path = image_store.store_paths(job.tmp, job.image_shards)[shard]
+  nbytes = image_store.write_shard(path, rows, payloads)
+  yield {"good": np.asarray(good, np.int64), "skipped_images_missing": missing,
+         "skipped_images_corrupt": corrupt, "image_bytes": nbytes}
+
+
+def _merge_images(parts: list[dict[str, Any]], num_items: int) -> dict:
+  good = np.zeros(num_items, bool)
+  counts = {"skipped_images_missing": 0, "skipped_images_corrupt": 0,
+            "image_bytes": 0}
+  for part in parts:
+    good[part["good"]] = True
+    for k in counts:
+      counts[k] += part[k]
+  return {"good": good, **counts}
+
+
+def _offsets(counts: dict[int, int]) -> dict[int, int]:
+  """Block index -> id of its first row (rows are numbered over blocks)."""
+  starts, total = {}, 0
+  for i in sorted(counts):
+    starts[i], total = total, total + counts[i]
+  return starts
+
+
+def _histogram(block, job: Job, starts, images) -> Iterator[tuple]:
+  """Pass 0 of one block: its split-key histogram (timestamps only)."""
+  yield byod_log.merge_histograms(*(
+      byod_log.key_histogram(job.reader, chunk, images["good"])
+      for chunk in job.reader.block_chunks(block, starts[block.index])))
+
+
+class _MergeHistograms(beam.CombineFn):
+  """byod_log.merge_histograms as a CombineFn."""
+
+  def create_accumulator(self):
+    return np.zeros(0), np.zeros(0, np.int64)
+
+  def add_input(self, acc, hist):
+    return byod_log.merge_histograms(acc, hist)
+
+  def merge_accumulators(self, accs):
+    return byod_log.merge_histograms(*accs)
+
+  def extract_output(self, acc):
+    return acc
+
+
+def _summarize(block, job: Job, starts, images, split_at) -> Iterator[
+    byod_log.Summary]:
+  """Pass 1 of one block: its Summary."""
+  out = byod_log.Summary.empty(len(job.reader.extras), len(job.items.ids))
+  for chunk in job.reader.block_chunks(block, starts[block.index]):
+    out.merge(byod_log.summarize(job.reader, chunk, images["good"],
+                                 job.num_behaviors, split_at))
+  yield out
+
+
+class _MergeSummaries(beam.CombineFn):
+  """Summary.merge as a CombineFn (accumulators are Summaries)."""
+
+  def __init__(self, job: Job):
+    self.job = job
+
+  def create_accumulator(self):
+    return byod_log.Summary.empty(len(self.job.reader.extras),
+                                  len(self.job.items.ids))
+
+  def add_input(self, acc, s):
+    return acc.merge(s)
+
+  def merge_accumulators(self, accs):
+    accs = iter(accs)
+    first = next(accs)
+    for a in accs:
+      first.merge(a)
+    return first
+
+  def extract_output(self, acc):
+    return acc
+
+
+def _plan(summary, job: Job, images, split_at) -> byod_log.Plan:
+  return byod_log.plan(job.reader, summary, images["good"], split_at,
+                       job.min_count, job.hash_buckets)
+
+
+def shard_of(items: np.ndarray, num_shards: int) -> np.ndarray:
+  """Output shard of each ad item row: a fixed hash, so one image's
+  impressions all meet in one shard."""
+  h = (items.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(
+      40)
+  return (h % np.uint64(num_shards)).astype(np.int64)
+
+
+def _emit(block, job: Job, starts, plan) -> Iterator[tuple]:
+  """Pass 2 of one block: ((split, shard), impression chunk) pairs."""
+  for chunk in job.reader.block_chunks(block, starts[block.index]):
+    for split in prepared.SPLITS:
+      out = byod_log.emit(job.reader, plan, chunk, split, job.num_behaviors)
+      if out is None:
+        continue
+      shard = shard_of(out["item"], job.num_shards)
+      for s in np.unique(shard).tolist():
+        sel = shard == s
+        yield (split, s), {k: v[sel] for k, v in out.items()}
+
+
+def _write_groups(element, job: Job) -> Iterator[dict[str, Any]]:
+  """Packs one (split, shard) and writes its ArrayRecord part file."""
+  (split, shard), parts = element
+  cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  cols.pop("dense", None)
+  order = np.lexsort((cols["impression_id"], cols["item"]))
+  cols = {k: v[order] for k, v in cols.items()}
+  counts = prepare_lib.write_groups(
+      _part_path(job.tmp, split, shard),
+      prepare_lib.cut_groups(cols, job.group_size), job.group_features())
+  yield {"split": split, "shard": shard, **counts}
+
+
+def build(p: beam.Pipeline, job: Job) -> None:
+  """Adds the prepare pipeline to `p`; outputs land in job.tmp."""
+  num_items = len(job.items.ids)
+  images = (p | "ImageShards" >> beam.Create(range(job.image_shards))
+            | "Images" >> beam.FlatMap(_images, job)
+            | "AllImages" >> beam.combiners.ToList()
+            | "MergeImages" >> beam.Map(_merge_images, num_items))
+  blocks = p | "Blocks" >> beam.Create(job.blocks)
+  starts = (blocks
+            | "Count" >> beam.Map(lambda b: (b.index, job.reader.table.count(b)))
+            | "Counts" >> beam.combiners.ToDict()
+            | "Offsets" >> beam.Map(_offsets))
+  starts_si = beam.pvalue.AsSingleton(starts)
+  images_si = beam.pvalue.AsSingleton(images)
+  if job.reader.mode == "time":
+    split_at = (blocks
+                | "Histogram" >> beam.FlatMap(_histogram, job, starts_si,
+                                              images_si)
+                | "MergeHistograms" >> beam.CombineGlobally(
+                    _MergeHistograms())
+                | "Boundary" >> beam.Map(
+                    lambda h: byod_log.boundary(job.reader, h)))
+  else:
+    split_at = p | "Boundary" >> beam.Create([byod_log.boundary(job.reader,
+                                                                None)])
+  split_si = beam.pvalue.AsSingleton(split_at)
+  plan = (blocks
+          | "Summarize" >> beam.FlatMap(_summarize, job, starts_si, images_si,
+                                        split_si)
+          | "Merge" >> beam.CombineGlobally(_MergeSummaries(job))
+          | "Plan" >> beam.Map(_plan, job, images_si, split_si))
+  written = (blocks
+             | "Emit" >> beam.FlatMap(_emit, job, starts_si,
+                                      beam.pvalue.AsSingleton(plan))
+             | "ByShard" >> beam.GroupByKey()
+             | "Write" >> beam.FlatMap(_write_groups, job)
+             | "Written" >> beam.combiners.ToList())
+  (plan | "Finish" >> beam.Map(
+      _write_summary, job, beam.pvalue.AsSingleton(written), images_si))
+
+
+def _write_summary(plan, job: Job, written, images) -> None:
+  """What the launcher needs to finish the directory, as one small file."""
+  with open(os.path.join(job.tmp, SUMMARY_FILE), "wb") as f:
+    pickle.dump({"plan": plan, "written": written, "images": images}, f)
+
+
+def prepare(config: Any, beam_args: list[str]) -> str:
+  """Runs the pipeline on config's BYOD data; returns the dataset path.
+
+  Args:
+    config: the experiment config (dataset byod or amazon); optional
+      config.beam.num_shards (group shards per split) and image_shards.
+    beam_args: Beam pipeline options, e.g. ['--runner=DirectRunner'].
+
+  Returns:
+    The prepared dataset's directory: the cache path training reads.
+  """
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  if config.dataset not in ("byod", "amazon"):
+    raise ValueError(f"the Beam path prepares BYOD logs (dataset byod or "
+                     f"amazon), not {config.dataset!r}: use --runner=inprocess")
+  key = registry.dataset_key(config)
+  path = prepared.cache_path(pipeline.data_root(config), key)
+  if prepared.is_prepared(path):
+    return path
+  start = time.time()
+  tmp = prepared.make_tmp(path)
+  try:
+    job = Job(config, tmp)
+    os.makedirs(os.path.join(tmp, prepared.GROUPS_DIR))
+    options = pipeline_options.PipelineOptions(beam_args)
+    with beam.Pipeline(options=options) as p:
+      build(p, job)
+    with open(os.path.join(tmp, SUMMARY_FILE), "rb") as f:
+      summary = pickle.load(f)
+    os.remove(os.path.join(tmp, SUMMARY_FILE))
+    _finish(job, summary, path, key, start)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def _finish(job: Job, summary: dict[str, Any], path: str,
+            key: dict[str, Any], start: float) -> None:
+  """Names the shards as TFDS does; writes info.json and vocab/; commits."""
+  plan, images = summary["plan"], summary["images"]
+  splits = {}
+  for split in prepared.SPLITS:
+    parts = sorted((w for w in summary["written"] if w["split"] == split),
+                   key=lambda w: w["shard"])
+    for i, w in enumerate(parts):
+      os.rename(_part_path(job.tmp, split, w["shard"]),
+                prepared.shard_name(job.tmp, split, i, len(parts)))
+    splits[split] = prepare_lib.split_counts(parts, job.group_size)
+  fields = byod.source_fields(job.reader, plan, job.num_behaviors)
+  np.save(os.path.join(job.tmp, prepared.CATEGORY_FILE),
+          fields.pop("item_category"))
+  missing = images["skipped_images_missing"]
+  corrupt = images["skipped_images_corrupt"]
+  n = len(job.items.ids)
+  stats = {"items": n, "skipped_images": missing + corrupt,
+           "skipped_images_missing": missing,
+           "skipped_images_corrupt": corrupt, **plan.stats}
+  info = batch_lib.DataInfo(
+      image_size=job.size, bayes_auc=None, **fields, extras={
+          "dataset": job.name, "group_size": job.group_size,
+          "bayes_auc_cold": None, "source_stats": stats, "config": key,
+          "prepared_by": "beam", "num_items": n,
+          "items_without_image": int(n - images["good"].sum()),
+          "image_storage": job.storage, "image_shards": job.image_shards,
+          "image_resize": job.resize, "image_bytes": images["image_bytes"]})
+  prepare_lib.finish(job.tmp, path, info, job.group_features(), splits,
+                     plan.vocabs, start)
+  logging.info("prepared %s on Beam in %.1fs: %s", path, time.time() - start,
+               splits)
+
+
+def _part_path(tmp: str, split: str, shard: int) -> str:
+  return os.path.join(tmp, prepared.GROUPS_DIR,
+                      f"{PART_PREFIX}{split}-{shard:05d}")
