@@ -19,6 +19,8 @@ from csctr import metrics as metrics_lib
 
 
 METRICS = ("auc", "gauc", "cold_auc", "logloss")
+# csctr/training/baselines.py's, listed first in every table.
+BASELINES = ("popularity", "item_ctr", "user_category", "id_lr")
 DATASETS = ("synthetic", "fashion_mnist")
 # Grid rows, weakest first. Values are config.model overrides; encoder_init
 # is filled in by the runner (the workdir of the same seed's `none` run).
@@ -82,7 +84,15 @@ def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
   groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for run in runs.values():
     groups.setdefault((run["dataset"], run["variant"]), []).append(run)
-  order = {v: i for i, v in enumerate(list(VARIANTS) + list(DICM_VARIANTS))}
+    # Baselines beside the model rows: fitted on the same train split and
+    # scored on the same test split, once per (dataset, seed) run.
+    for name, values in run.get("baselines", {}).items():
+      members = groups.setdefault((run["dataset"], f"baseline_{name}"), [])
+      if all(m["seed"] != run["seed"] for m in members):
+        members.append({"seed": run["seed"], "wall_s": 0.0, "record": values})
+  order = {v: i for i, v in enumerate(
+      [f"baseline_{b}" for b in BASELINES] + list(VARIANTS)
+      + list(DICM_VARIANTS))}
   rows = []
   for (dataset, variant), members in sorted(
       groups.items(), key=lambda kv: (

@@ -310,6 +310,7 @@ def run_worker(script: str, args: list[str], devices: int,
                            if not line.startswith("RESULT ")))
   if proc.returncode:
     raise RuntimeError(f"{os.path.basename(script)} worker on {devices} "
-                       f"device(s) failed:\n{proc.stderr[-3000:]}")
+                       f"device(s) failed (exit {proc.returncode}; -9: "
+                       f"killed, e.g. out of memory):\n{proc.stderr[-3000:]}")
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
   return json.loads(line[len("RESULT "):])

@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.groups_per_batch = 8  # G groups; B = G * K impression slots
   config.data.unique_images = 8  # U rows of the unique-image table (>= G)
   config.data.num_behaviors = 0  # L behaviour images per impression (DICM)
+  # DICM: training stops if more than this fraction of a log window's
+  # behaviour references is dropped for lack of unique_images rows (evals
+  # never drop: their batches are cut to fit, csctr/data/pipeline.py).
+  config.data.max_dropped_behavior_fraction = 0.05
   # Vocabularies (csctr/data/vocab.py), built on the train split: ids seen
   # fewer than min_count times there share the OOV row 0 with the ids never
   # seen (cold items then get the row rare items trained); hash_buckets > 0
@@ -58,6 +62,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.read_threads = 2  # Grain threads building batches ahead
   config.data.prefetch_batches = 8  # batches buffered ahead per process
   config.data.shuffle_seed = 0
+  # Model selection: the last fraction of the train period becomes the
+  # validation split, evaluated every eval_every steps; the best checkpoint
+  # by validation AUC is kept and is what the final test eval scores
+  # (csctr/training/loop.py). 0: no validation split, evals are on test.
+  config.data.validation_fraction = 0.0
+  # 'auto': group_size / groups_per_batch / unique_images from the prepared
+  # data's impressions per image (csctr/data/autobatch.py); 'fixed': as set.
+  config.data.batching = "fixed"
+  config.data.target_packing = 0.8  # auto: least real / padded slots
+  config.data.max_group_size = 25  # auto: largest K considered
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_impressions = 200_000
@@ -116,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.backbone = "small"  # small | cnnf | resnet18
   config.model.small_channels = (32, 32, 64, 64)  # small: conv widths
   config.model.fc_dim = 4096  # cnnf: width of FC6 and FC7
+  config.model.fc_dropout = 0.5  # cnnf: dropout after FC6 and FC7 (train)
   config.model.resnet_width = 64  # resnet18: stem width (stages w,2w,4w,8w)
   config.model.attention = "cscnn"  # cscnn | cscnn_channel | cscnn_spatial | cbam | se | none
   config.model.channel_prior_dim = 8  # C' of the channel prior Ac_k
@@ -130,6 +145,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training only: each ID becomes the OOV row 0 with this probability, so
   # the row cold ids are served from is trained (csctr/model/embeddings.py).
   config.model.id_dropout = 0.0
+  # Cold start: an item_id in the OOV row adds a learned projection of its
+  # image embedding (csctr/model/ctr.py); pair it with min_count/id_dropout
+  # so the OOV row and the projection are trained.
+  config.model.item_backoff = False
   config.model.behavior_pooling = "none"  # none | sum | max | attentive | multi_query
   config.model.head = "dcn"  # dcn | dcnv2 | lr | dnn
   config.model.cross_layers = 3

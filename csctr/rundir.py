@@ -38,10 +38,17 @@ METRICS_FILE = "eval_metrics.jsonl"
 CONFIG_FILE = "config.json"
 DATA_INFO_FILE = "data_info.json"
 CHECKPOINTS_DIR = "checkpoints"
+# The model of the best validation eval (training/checkpointing.py's
+# BestCheckpointer); only runs with a validation split have one.
+BEST_CHECKPOINT_DIR = "best_checkpoint"
 
 
 def checkpoint_dir(workdir: str) -> str:
   return storage.join(workdir, CHECKPOINTS_DIR)
+
+
+def best_checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, BEST_CHECKPOINT_DIR)
 
 
 def eval_record(step: int, split: str,
@@ -143,13 +150,14 @@ def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
   return config, batch_lib.DataInfo.from_json(d), d["data_path"]
 
 
-def restore_model(workdir: str, step: int | None = None
+def restore_model(workdir: str, step: int | None = None, best: bool = False
                   ) -> tuple[ctr.CTRModel, ml_collections.ConfigDict,
                              batch_lib.DataInfo, int]:
   """(model, config, info, step) of a checkpoint (default: the latest).
 
   For inference on this process's first device: only params and the other
-  model variables are read, not the optimizer state.
+  model variables are read, not the optimizer state. best=True reads the
+  best-validation checkpoint (the one a finished run's test eval scored).
   """
   config, info, _ = load_run_files(workdir)
   abstract_model = nnx.eval_shape(
@@ -160,7 +168,8 @@ def restore_model(workdir: str, step: int | None = None
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       {"params": params, "rest": rest})
   restored, step = restore_items(
-      checkpoint_dir(workdir), abstract, step)
+      best_checkpoint_dir(workdir) if best else checkpoint_dir(workdir),
+      abstract, step)
   model = nnx.merge(graphdef, restored["params"], restored["rest"])
   return model, config, info, step
 

@@ -44,7 +44,10 @@ def _stub_runner(calls):
             "cold_auc": 0.58 + QUALITY[variant] - 0.004 * seed,
             "logloss": 0.4 - QUALITY[variant], "bayes_auc": 0.8,
             "bayes_auc_cold": 0.75,
-            "calibration": 1.0, "num_impressions": 10, "step": 3}
+            "calibration": 1.0, "num_impressions": 10, "step": 3,
+            "baselines": {"item_ctr": {"auc": 0.55 + 0.01 * seed,
+                                       "gauc": 0.5, "cold_auc": 0.5,
+                                       "logloss": 0.5}}}
   return run
 
 
@@ -225,3 +228,20 @@ def test_readme_table_is_rewritten_between_markers(tmp_path):
   plain.write_text("no markers\n")
   assert not results.update_readme(str(plain), table)
   assert plain.read_text() == "no markers\n"
+
+
+def test_baselines_appear_once_per_seed_beside_the_models(tmp_path):
+  cells = ablations.grid(SMOKE, ("synthetic",), ("none", "cscnn"),
+                         dicm=False)
+  calls = []
+  result = ablations.run_grid(cells, SMOKE, str(tmp_path / "out"),
+                              str(tmp_path / "work"), _stub_runner(calls),
+                              figure=False)
+  rows = {r["variant"]: r for r in results.summarize(result["runs"])}
+  row = rows["baseline_item_ctr"]
+  seeds = sorted({c.seed for c in cells})
+  assert row["seeds"] == seeds  # one per seed, not one per variant
+  assert row["auc"]["mean"] == pytest.approx(
+      np.mean([0.55 + 0.01 * s for s in seeds]))
+  assert list(rows)[0] == "baseline_item_ctr"  # baselines first
+  assert "baseline_item_ctr" in results.markdown(result)

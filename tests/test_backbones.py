@@ -54,11 +54,12 @@ def small_params(kind, s, channels, d):
 
 
 def cnnf_params(kind, s, fc, d):
-  """conv1 11x11/4 VALID, pools 3x3/2 ceil, conv2 5x5, conv3-5 3x3; FC-FC-FC."""
+  """conv1 11x11/4 VALID, pools 3x3/2 pad (0, 1), conv2 5x5, conv3-5 3x3; FC-FC-FC."""
+  pool = lambda n: n // 2 if n >= 2 else n
   s1 = (s - 11) // 4 + 1
-  s2 = -(-s1 // 2)
-  s3 = -(-s2 // 2)
-  s4 = -(-s3 // 2)
+  s2 = pool(s1)
+  s3 = pool(s2)
+  s4 = pool(s3)
   n = _conv(11, 3, 64) + _attn(kind, 64, s1)
   n += _conv(5, 64, 256) + _attn(kind, 256, s2)
   n += 3 * (_conv(3, 256, 256) + _attn(kind, 256, s3))
@@ -139,10 +140,16 @@ def test_full_size_counts():
   # (GroupNorm has the same 2C affine parameters as BatchNorm).
   m = _abstract("resnet18", "none", 224, 1000)
   assert _count(m) == resnet18_params("none", 224, 64, 1000) == 11_689_512
-  # CNN-F at 224 px, FC 4096-4096: 7x7x256 after the last ceil-mode pool.
+  # CNN-F at 224 px with its 1000-way fc8 and no attention is the published
+  # model: the weights the authors released (MatConvNet imagenet-vgg-f)
+  # hold conv1 11x11x3x64, conv2 5x5x64x256, conv3-5 3x3x256x256,
+  # fc6 6x6x256x4096, fc7 4096x4096, fc8 4096x1000, plus biases:
+  # 60,834,536 parameters, 6x6x256 before fc6.
+  m = _abstract("cnnf", "none", 224, 1000)
+  assert _count(m) == 60_834_536
+  assert m.fc6.kernel.shape == (6 * 6 * 256, 4096)
   m = _abstract("cnnf", "cscnn", 224, 64)
   assert _count(m) == cnnf_params("cscnn", 224, 4096, 64)
-  assert m.fc6.kernel.shape == (7 * 7 * 256, 4096)
 
 
 def test_spatial_priors_follow_feature_map_sizes():
@@ -150,7 +157,7 @@ def test_spatial_priors_follow_feature_map_sizes():
     return [a.spatial_prior.shape[1:] for a in attns]
   cnnf = _abstract("cnnf", "cscnn", 224, 8, fc_dim=8)
   assert prior_sizes(cnnf.attns) == [
-      (54, 54), (27, 27), (14, 14), (14, 14), (14, 14)]
+      (54, 54), (27, 27), (13, 13), (13, 13), (13, 13)]
   assert prior_sizes(_abstract("small", "cscnn", 32, 8).attns) == [
       (32, 32), (16, 16), (8, 8), (4, 4)]
   resnet = _abstract("resnet18", "cscnn", 224, 8, resnet_width=8)
@@ -216,3 +223,17 @@ def test_rejects_bad_config():
     backbones.build_backbone("vgg", 32, 8, _spec("none"), rngs=rbg_rngs())
   with pytest.raises(ValueError):
     backbones.build_backbone("cnnf", 8, 8, _spec("none"), rngs=rbg_rngs())
+
+
+def test_cnnf_fc_dropout_only_with_a_key():
+  m = _numpy_params(_abstract("cnnf", "none", 40, 6, fc_dim=32))
+  x = jax.random.normal(jax.random.key(0), (3, 40, 40, 3))
+  cats = jnp.zeros((3,), jnp.int32)
+  plain = m(x, cats)
+  np.testing.assert_array_equal(plain, m(x, cats))  # deterministic
+  a = m(x, cats, dropout_rng=jax.random.key(1))
+  b = m(x, cats, dropout_rng=jax.random.key(2))
+  assert not np.allclose(a, plain) and not np.allclose(a, b)
+  m.fc_dropout = 0.0
+  np.testing.assert_allclose(m(x, cats, dropout_rng=jax.random.key(1)), plain,
+                             rtol=1e-6)

@@ -25,7 +25,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def ds(tmp_path_factory):
   config = tiny_config(tmp_path_factory.mktemp("data"), num_behaviors=3)
   config.data.groups_per_batch, config.data.unique_images = 4, 8
-  config.data.eval_groups_per_batch, config.data.eval_unique_images = 8, 16
+  # Eval batches hold every behaviour image: a group of K=5 impressions with
+  # L=3 references up to 16 images, per process.
+  config.data.eval_groups_per_batch, config.data.eval_unique_images = 8, 32
   path = pipeline.prepare_dataset(config)
   source = synthetic.make_source(config)
   truth = {}
@@ -100,7 +102,7 @@ def test_eval_has_every_impression_once(ds):
   table = np.load(os.path.join(path, prepared.IMAGES_FILE))
   batches = list(pipeline.eval_batches(config, path))
   for b in batches:
-    _check_batch(b, info, 8, 16, truth["test"], table)
+    _check_batch(b, info, 8, 32, truth["test"], table)
   ids = np.concatenate([b["impression_id"][b["weight"] > 0] for b in batches])
   np.testing.assert_array_equal(np.sort(ids), truth["test"]["impression_id"])
   assert batches[-1]["weight"].min() == 0  # padded last batch
@@ -137,8 +139,9 @@ def test_process_blocks_are_slices_of_one_global_batch(ds):
   full_eval = list(pipeline.eval_batches(config, path))
   for shards in (pipeline.Shards(2, (0,)), pipeline.Shards(2, (1,)),
                  pipeline.Shards(4, (1, 3)), pipeline.Shards(4, (0, 1, 2, 3))):
-    b_rows = shards.rows(4 * K, "B")
-    u_rows = shards.rows(8, "U")
+    d = config.data
+    b_rows = shards.rows(d.groups_per_batch * K, "B")
+    u_rows = shards.rows(d.unique_images, "U")
     it = pipeline.train_iterator(config, path, shards)
     for want in full:
       got = next(it)
@@ -148,8 +151,8 @@ def test_process_blocks_are_slices_of_one_global_batch(ds):
     assert it.get_state() == full_it.get_state()  # one global position
     got_eval = list(pipeline.eval_batches(config, path, "test", shards))
     assert len(got_eval) == len(full_eval)
-    u_rows = shards.rows(16, "U")
-    b_rows = shards.rows(8 * K, "B")
+    u_rows = shards.rows(d.eval_unique_images, "U")
+    b_rows = shards.rows(d.eval_groups_per_batch * K, "B")
     for got, want in zip(got_eval, full_eval):
       np.testing.assert_array_equal(got["images"], want["images"][u_rows])
       np.testing.assert_array_equal(got["ad_image"], want["ad_image"][b_rows])

@@ -321,3 +321,25 @@ def test_build_model_rejects_inconsistent_configs():
                        rbg_rngs())
   with pytest.raises(ValueError):
     ctr.build_model(_config(dtype="float16"), INFO, rbg_rngs())
+
+
+def test_item_backoff_gives_oov_items_their_image_only():
+  """Content back-off: an OOV item_id adds a projection of its image."""
+  m = ctr.build_model(_config(item_backoff=True, behavior_pooling="none"),
+                      INFO, rbg_rngs())
+  fwd = jit_o0(lambda mod, b: mod(b))
+  b = _batch()
+  item = b["sparse"][:, 1].copy()
+  item[: B // 2] = 0  # the first half of the impressions: OOV items
+  item[B // 2:] = np.maximum(item[B // 2:], 1)
+  b["sparse"][:, 1] = item
+  base = np.asarray(fwd(m, _jnp(b)))
+  m.backoff.kernel.value = m.backoff.kernel.value * 3.0 + 0.5
+  changed = np.asarray(fwd(m, _jnp(b)))
+  oov = item == 0
+  real = b["weight"] > 0
+  assert not np.allclose(base[oov & real], changed[oov & real])
+  np.testing.assert_array_equal(base[~oov], changed[~oov])
+  with pytest.raises(ValueError, match="item_backoff needs use_image"):
+    ctr.build_model(_config(item_backoff=True, use_image=False,
+                            behavior_pooling="none"), INFO, rbg_rngs())

@@ -30,12 +30,13 @@ def test_byod_key_follows_the_csv_files(tmp_path):
   with pytest.raises(ValueError, match="needs config.byod_path"):
     registry.dataset_key(config)
   config.byod_path = str(tmp_path)
-  (tmp_path / "items.csv").write_text("item_id,category_id,image\n")
+  (tmp_path / "items.csv").write_text("item_id,category_id,image\na,c,a.png\n")
+  (tmp_path / "impressions.csv").write_text("user_id,item_id,label\n")
   key = registry.dataset_key(config)
   assert key["dataset"] == "amazon" and key["byod_path"] == str(tmp_path)
   assert key["byod"] == config.byod.to_dict()
-  assert key["files"]["items.csv"][0] == 26  # size in bytes
-  (tmp_path / "impressions.csv").write_text("user_id,item_id,label\n")
+  assert key["files"]["items.csv"][0] == 36  # size in bytes
+  (tmp_path / "impressions.csv").write_text("user_id,item_id,label\nu,a,1\n")
   assert registry.dataset_key(config) != key
 
 

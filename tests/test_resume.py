@@ -71,6 +71,9 @@ def _command(workdir, data_dir, hang_in_save=None):
   return [sys.executable, *run, "--config=configs/tiny.py",
           f"--config.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
           "--config.eval_every=12", "--config.checkpoint_every=6",
+          # Validation evals select a best checkpoint, which must resume
+          # exactly too (a second Orbax manager beside the train state).
+          "--config.data.validation_fraction=0.2",
           # ID dropout draws from the checkpointed rng: resume must redraw
           # exactly what the uninterrupted run drew.
           "--config.model.id_dropout=0.1", f"--workdir={workdir}"]
@@ -113,18 +116,24 @@ def _final(workdir):
     data = json.load(f)
   with open(os.path.join(workdir, "eval_metrics.jsonl")) as f:
     evals = f.read()
-  return state, data, evals
+  best_dir = os.path.join(workdir, "best_checkpoint")
+  (best_step,) = os.listdir(best_dir)  # pruned to the one best checkpoint
+  best = ocp.PyTreeCheckpointer().restore(
+      os.path.join(best_dir, best_step, "state"))
+  return state, data, evals, (best_step, best)
 
 
 def _assert_identical(a, b):
-  state_a, data_a, evals_a = a
-  state_b, data_b, evals_b = b
-  flat_a = ocp.tree.to_flat_dict(state_a)
-  flat_b = ocp.tree.to_flat_dict(state_b)
-  assert flat_a.keys() == flat_b.keys()
-  for key in flat_a:
-    np.testing.assert_array_equal(np.asarray(flat_a[key]),
-                                  np.asarray(flat_b[key]), err_msg=str(key))
+  state_a, data_a, evals_a, (best_a, best_state_a) = a
+  state_b, data_b, evals_b, (best_b, best_state_b) = b
+  assert best_a == best_b
+  for tree_a, tree_b in ((state_a, state_b), (best_state_a, best_state_b)):
+    flat_a = ocp.tree.to_flat_dict(tree_a)
+    flat_b = ocp.tree.to_flat_dict(tree_b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+      np.testing.assert_array_equal(np.asarray(flat_a[key]),
+                                    np.asarray(flat_b[key]), err_msg=str(key))
   assert data_a == data_b  # the same data position: no batch skipped or repeated
   assert evals_a == evals_b  # every eval once, bit for bit
 
@@ -134,7 +143,9 @@ def reference(tmp_path_factory, data_dir, env):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   _run(workdir, data_dir, env)
   evals = [json.loads(l) for l in open(os.path.join(workdir, "eval_metrics.jsonl"))]
-  assert [e["step"] for e in evals] == [12, 24, 36, 48, 60]
+  assert [(e["step"], e["split"]) for e in evals] == [
+      (12, "validation"), (24, "validation"), (36, "validation"),
+      (48, "validation"), (60, "validation"), (60, "test")]
   return _final(workdir)
 
 

@@ -11,6 +11,8 @@ image; Alibaba's AMS does the same for behaviour images).
     ad_image          int32   [B]           row of `images` for each impression
     behavior_images   int32   [B, L]        rows of `images` (DICM); only if L > 0
     behavior_mask     bool    [B, L]        only if L > 0
+    behavior_dropped  int32   [B]           references the unique-image budget
+                                            could not hold (masked); L > 0
     sparse            int32   [B, F]        ID features, columns named by DataInfo
     dense             float32 [B, D]        D may be 0
     label             float32 [B]
@@ -46,6 +48,8 @@ class SplitStats:
     cold_impressions: impressions of items never seen in training.
     packing_efficiency: impressions / (groups * K), the filled slots.
     ctr: clicks / impressions.
+    bayes_auc: AUC of the true CTR on the split (simulated data), else None.
+    bayes_auc_cold: the same on its cold impressions.
     shard_lengths: groups per ArrayRecord shard (prepared.shard_paths).
   """
 
@@ -55,6 +59,8 @@ class SplitStats:
   cold_impressions: int
   packing_efficiency: float
   ctr: float
+  bayes_auc: float | None = None
+  bayes_auc_cold: float | None = None
   # Groups in each ArrayRecord shard of the split, in order (the Beam path
   # writes many; empty for datasets prepared before shards were recorded).
   shard_lengths: tuple[int, ...] = ()
@@ -174,6 +180,7 @@ def batch_shapes(info: DataInfo, groups_per_batch: int, group_size: int,
   if info.num_behaviors:
     shapes["behavior_images"] = ((b, info.num_behaviors), np.int32)
     shapes["behavior_mask"] = ((b, info.num_behaviors), np.bool_)
+    shapes["behavior_dropped"] = ((b,), np.int32)
   return shapes
 
 
@@ -212,4 +219,19 @@ def dummy_batch(info: DataInfo, groups_per_batch: int, group_size: int,
     batch["behavior_images"] = rng.integers(
         lo, u, (b, info.num_behaviors)).astype(np.int32)
     batch["behavior_mask"] = rng.random((b, info.num_behaviors)) < 0.7
+    batch["behavior_dropped"] = np.zeros((b,), np.int32)
   return batch
+
+
+def last_valid(ids: np.ndarray, valid: np.ndarray, length: int) -> np.ndarray:
+  """The last `length` entries of `ids` whose `valid` is set, oldest first.
+
+  The one truncation policy of behaviour lists: the data sources apply it
+  when they write a list (unknown or unusable ids are skipped, then the
+  most recent L kept) and the online scorer applies it to a request's
+  behavior_ids (ids missing from its table skipped), so a list means the
+  same to a model in training and in serving.
+  """
+  ids = np.asarray(ids).reshape(-1)
+  kept = ids[np.asarray(valid, bool).reshape(-1)]
+  return kept[max(len(kept) - length, 0):] if length > 0 else kept[:0]

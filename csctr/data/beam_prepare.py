@@ -66,7 +66,7 @@ class Job:
     self.size = int(config.data.image_size)
     self.num_behaviors = int(config.data.num_behaviors)
     self.group_size = int(config.data.group_size)
-    self.storage = config.data.get("image_storage", "raw")
+    self.storage = config.data.image_storage
     self.resize = config.byod.resize
     self.skip_bad = bool(config.byod.skip_bad_images)
     self.min_count = int(config.data.min_count)
@@ -74,9 +74,8 @@ class Job:
     if self.storage not in image_store.STORAGES:
       raise ValueError(f"data.image_storage {self.storage!r} not in "
                        f"{image_store.STORAGES}")
-    beam_cfg = config.get("beam") or {}
-    self.num_shards = int(beam_cfg.get("num_shards", 8))
-    self.image_shards = int(beam_cfg.get("image_shards", 8))
+    self.num_shards = int(config.beam.num_shards)
+    self.image_shards = int(config.beam.image_shards)
     self.blocks = self.reader.table.blocks()
     self.features = None
 

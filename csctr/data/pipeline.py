@@ -41,6 +41,7 @@ benchmark prints). Size unique_images so that fraction stays small.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Iterator, Sequence
 
@@ -53,6 +54,7 @@ import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
 from csctr import storage
+from csctr.data import autobatch
 from csctr.data import batch as batch_lib
 from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
@@ -99,8 +101,11 @@ def prepare_dataset(config: ml_collections.ConfigDict,
   local = prepared.mirror_path(path)
   if not prepared.is_prepared(local):
     prepare_lib.prepare(
-        registry.make_source(config), local, group_size=config.data.group_size,
-        key=key, image_storage=key["image_storage"])
+        registry.make_source(config), local, group_size=key["group_size"],
+        key=key, image_storage=key["image_storage"],
+        validation_fraction=config.data.validation_fraction,
+        target_packing=key.get("target_packing", autobatch.TARGET_PACKING),
+        max_group_size=key.get("max_group_size", autobatch.MAX_GROUP_SIZE))
   if local != path:
     storage.upload_dir(local, path, prepared.COMMIT_FILE)
   return path
@@ -276,6 +281,9 @@ class Collator:
     mask[valid] = ref_rows >= 0
     out["behavior_images"][slot] = local
     out["behavior_mask"][slot] = mask
+    lost = np.zeros(beh.shape, np.int32)
+    lost[valid] = ref_rows < 0
+    out["behavior_dropped"][slot] = lost.sum(axis=1)  # counted by the step
     self.stats["behavior_refs"] += int(refs.size)
     dropped = int((ref_rows < 0).sum())
     self.stats["dropped_behavior_refs"] += dropped
@@ -342,13 +350,66 @@ def eval_batches(config: ml_collections.ConfigDict, path: str,
   """
   d = config.data
   path = prepared.local_copy(path)
-  collate = Collator(path, load_info(path), d.eval_groups_per_batch,
-                     d.group_size, d.eval_unique_images, shards)
-  ds = grain.MapDataset.source(groups_source(path, split))
-  ds = ds.batch(d.eval_groups_per_batch, drop_remainder=False,
-                batch_fn=collate)
+  g, u = d.eval_groups_per_batch, d.eval_unique_images
+  info = load_info(path)
+  collate = Collator(path, info, g, d.group_size, u, shards)
+  if info.num_behaviors:
+    # Batches cut so every behaviour image fits: nothing is dropped, and
+    # the metrics do not depend on which groups share a batch. One global
+    # plan: every process builds its blocks of the same batches.
+    (plan,) = _eval_plans(path, split, g, u, 1)
+    source = groups_source(path, split)
+    ds = grain.MapDataset.source(plan).map(
+        lambda idx: collate([source[i] for i in idx]))
+  else:
+    ds = grain.MapDataset.source(groups_source(path, split))
+    ds = ds.batch(g, drop_remainder=False, batch_fn=collate)
   if len(ds):
     yield from ds.to_iter_dataset(_read_options(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_plans(path: str, split: str, groups_per_batch: int,
+                unique_images: int, process_count: int
+                ) -> tuple[tuple[tuple[int, ...], ...], ...]:
+  """eval_plan of every process's shard (each needs all counts), cached:
+  a prepared split never changes, and the plan costs a read of the split."""
+  source = groups_source(path, split)
+  return tuple(
+      tuple(tuple(b) for b in eval_plan(
+          source, range(p, len(source), process_count), groups_per_batch,
+          unique_images))
+      for p in range(process_count))
+
+
+def eval_plan(source: Sequence[dict[str, Any]], indices: Sequence[int],
+              groups_per_batch: int, unique_images: int) -> list[list[int]]:
+  """Consecutive groups per eval batch such that no behaviour is dropped.
+
+  A batch closes when it holds groups_per_batch groups or when the next
+  group's images (its ad image and its behaviour images) would not fit in
+  unique_images distinct rows. So every reference of the split finds its
+  image and eval metrics do not depend on how groups fall into batches.
+  """
+  batches, current, images = [], [], set()
+  for i in indices:
+    group = source[i]
+    beh = np.asarray(group["behavior"]).reshape(-1)
+    need = {int(group["item"])} | set(beh[beh >= 0].tolist())
+    if len(need) > unique_images:
+      raise ValueError(
+          f"eval group {i} references {len(need)} distinct images (its ad "
+          f"and behaviour images) > eval_unique_images={unique_images}: "
+          "raise config.data.eval_unique_images")
+    if current and (len(current) == groups_per_batch
+                    or len(images | need) > unique_images):
+      batches.append(current)
+      current, images = [], set()
+    current.append(i)
+    images |= need
+  if current:
+    batches.append(current)
+  return batches
 
 
 def behavior_overflow(config: ml_collections.ConfigDict, path: str,

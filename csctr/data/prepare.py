@@ -63,6 +63,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from csctr import metrics
+from csctr.data import autobatch
 from csctr.data import batch as batch_lib
 from csctr.data import image_store
 from csctr.data import prepared
@@ -246,14 +247,66 @@ def _write_images(source: source_lib.Source, tmp: str,
 
 def _split_groups(source, split, group_size, scores):
   """The split's checked impressions, packed (see Packer)."""
+  yield from _pack((_check_chunk(raw, source)
+                    for raw in source.impressions(split)), group_size, scores)
+
+
+def _pack(chunks, group_size, scores):
+  """Packs checked chunks; keeps (true CTR, label, cold) for the Bayes AUC."""
   packer = Packer(group_size, MAX_PENDING)
-  for raw in source.impressions(split):
-    chunk = _check_chunk(raw, source)
-    if split == "test" and "true_ctr" in chunk:
+  for chunk in chunks:
+    if "true_ctr" in chunk:
       scores.append((chunk["true_ctr"], chunk["label"], chunk["is_cold"]))
-    chunk.pop("true_ctr", None)
+    chunk = {k: v for k, v in chunk.items() if k != "true_ctr"}
     yield from packer.add(chunk)
   yield from packer.finish()
+
+
+def count_train(source: source_lib.Source) -> np.ndarray:
+  """Train impressions per item row (one extra pass over the train stream)."""
+  counts = np.zeros(source.num_items, np.int64)
+  for raw in source.impressions("train"):
+    counts += np.bincount(np.asarray(raw["item"], np.int64),
+                          minlength=source.num_items)
+  return counts
+
+
+def _train_chunks(source, num_train, num_validation, held):
+  """The train stream without its validation rows, which go to `held`.
+
+  The last `num_validation` impressions of the stream are validation, unless
+  the source marks rows itself (chunk['is_validation']). Held rows wait in
+  memory until the train part has been seen, so that an item absent from it
+  is marked cold in validation (as in test).
+  """
+  seen = np.zeros(source.num_items, bool)
+  first_val = num_train - num_validation if num_validation else np.inf
+  position = 0
+  for raw in source.impressions("train"):
+    chunk = _check_chunk(raw, source)
+    n = len(chunk["item"])
+    val = (np.asarray(raw["is_validation"], bool) if "is_validation" in raw
+           else np.arange(position, position + n) >= first_val)
+    position += n
+    if val.any():
+      held.append({k: v[val] for k, v in chunk.items()})
+    if not val.all():
+      part = {k: v[~val] for k, v in chunk.items()}
+      seen[part["item"]] = True
+      yield part
+  for chunk in held:
+    chunk["is_cold"] = chunk["is_cold"] | ~seen[chunk["item"]]
+
+
+def _write_split(tmp, split, groups, features, group_size, scores):
+  """Writes one split's groups; its SplitStats with its Bayes AUCs."""
+  stats = split_counts([write_groups(prepared.shard_name(tmp, split, 0, 1),
+                                     groups, features)], group_size)
+  if scores:
+    ctr, label, cold = (np.concatenate(x) for x in zip(*scores))
+    stats = dataclasses.replace(stats, bayes_auc=_auc(label, ctr),
+                                bayes_auc_cold=_auc(label[cold], ctr[cold]))
+  return stats
 
 
 def write_groups(path: str, groups: Iterable[dict[str, Any]],
@@ -293,18 +346,27 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
   return None if np.isnan(value) else value
 
 
-def prepare(source: source_lib.Source, path: str, *, group_size: int,
+def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
             key: dict[str, Any] | None = None,
-            image_storage: str = "raw") -> str:
+            image_storage: str = "raw", validation_fraction: float = 0.0,
+            target_packing: float = autobatch.TARGET_PACKING,
+            max_group_size: int = autobatch.MAX_GROUP_SIZE) -> str:
   """Writes `source` as a prepared dataset at `path` (atomically).
 
   Args:
     source: the dataset to pack.
     path: final directory; must not exist yet.
-    group_size: K, the most impressions per image group.
+    group_size: K, the most impressions per image group, or 'auto': the
+      largest K <= max_group_size whose packing efficiency on the train
+      split's impressions-per-image counts is >= target_packing
+      (csctr/data/autobatch.py).
     key: the dataset-relevant config, recorded in info.json.
     image_storage: how images are kept (csctr.data.image_store.STORAGES,
       all but 'original').
+    validation_fraction: the last fraction of the train stream (time order)
+      becomes the 'validation' split, for model selection; 0: none.
+    target_packing: see group_size.
+    max_group_size: see group_size.
 
   Returns:
     `path`.
@@ -316,18 +378,29 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
     features = group_features(len(source.sparse_features), source.num_dense,
                               source.num_behaviors)
     os.makedirs(os.path.join(tmp, prepared.GROUPS_DIR))
-    splits, scores = {}, []
-    for split in prepared.SPLITS:
-      counts = write_groups(
-          prepared.shard_name(tmp, split, 0, 1),
-          _split_groups(source, split, group_size, scores), features)
-      splits[split] = split_counts([counts], group_size)
-    bayes_auc, bayes_auc_cold = source.bayes_auc, None
-    if scores:
-      ctr, label, cold = (np.concatenate(x) for x in zip(*scores))
-      if bayes_auc is None:
-        bayes_auc = _auc(label, ctr)
-      bayes_auc_cold = _auc(label[cold], ctr[cold])
+    counts = (count_train(source)
+              if validation_fraction or group_size == "auto" else None)
+    if group_size == "auto":
+      group_size = autobatch.choose_group_size(counts, target_packing,
+                                               max_group_size)
+    num_train = int(counts.sum()) if counts is not None else 0
+    held, splits = [], {}
+    scores = {"train": [], "validation": [], "test": []}
+    splits["train"] = _write_split(tmp, "train", _pack(_train_chunks(
+        source, num_train, int(round(num_train * validation_fraction)), held),
+                                                       group_size,
+                                                       scores["train"]),
+                                   features, group_size, scores["train"])
+    if held:  # the validation split exists only when asked for
+      splits["validation"] = _write_split(
+          tmp, "validation", _pack(held, group_size, scores["validation"]),
+          features, group_size, scores["validation"])
+    splits["test"] = _write_split(
+        tmp, "test", _split_groups(source, "test", group_size, scores["test"]),
+        features, group_size, scores["test"])
+    bayes_auc = (source.bayes_auc if source.bayes_auc is not None
+                 else splits["test"].bayes_auc)
+    bayes_auc_cold = splits["test"].bayes_auc_cold
     info = batch_lib.DataInfo(
         sparse_features=tuple(source.sparse_features),
         vocab_sizes=tuple(int(v) for v in source.vocab_sizes),
@@ -335,6 +408,8 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int,
         image_size=source.image_size, num_behaviors=source.num_behaviors,
         bayes_auc=bayes_auc, extras={
             "dataset": source.name, "group_size": group_size,
+            "train_items_impressions": (autobatch.histogram(counts)
+                                        if counts is not None else None),
             "bayes_auc_cold": bayes_auc_cold,
             "source_stats": dict(source.stats), "config": key or {},
             "prepared_by": "inprocess", **image_counts})

@@ -30,6 +30,9 @@ from csctr.data import source as source_lib
 # Bump when the on-disk layout changes: it is part of the cache key.
 FORMAT_VERSION = 3
 SPLITS = ("train", "test")
+# Optional third split (csctr/data/prepare.py): the tail of the train
+# stream, for model selection; present in info.json's splits when written.
+VALIDATION = "validation"
 INFO_FILE = "info.json"
 IMAGES_FILE = "images.npy"
 CATEGORY_FILE = "item_category.npy"

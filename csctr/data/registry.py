@@ -77,13 +77,21 @@ def get(name: str) -> Dataset:
 def dataset_key(config: Config) -> dict[str, Any]:
   """The config that determines config.dataset's prepared dataset."""
   dataset = get(config.dataset)
-  return {"dataset": dataset.name, "image_size": config.data.image_size,
-          "group_size": config.data.group_size,
-          "num_behaviors": config.data.num_behaviors,
-          "image_storage": config.data.get("image_storage", "raw"),
-          "vocab": {"min_count": config.data.min_count,
-                    "hash_buckets": config.data.hash_buckets},
-          **dataset.key_inputs(config)}
+  d = config.data
+  auto = d.batching == "auto"
+  key = {"dataset": dataset.name, "image_size": d.image_size,
+         "group_size": "auto" if auto else d.group_size,
+         "num_behaviors": d.num_behaviors,
+         "image_storage": d.image_storage,
+         "vocab": {"min_count": d.min_count, "hash_buckets": d.hash_buckets},
+         **dataset.key_inputs(config)}
+  # Only when set, so the keys (and caches) of older configs do not change.
+  if auto:
+    key["target_packing"] = d.target_packing
+    key["max_group_size"] = d.max_group_size
+  if d.validation_fraction:
+    key["validation_fraction"] = d.validation_fraction
+  return key
 
 
 def make_source(config: Config) -> source_lib.Source:

@@ -7,7 +7,8 @@ plus the category of every image, and return one embedding [U, d] per image.
             global average pool, FC -> d. Sized for 32-64 px images on CPU.
   cnnf      CNN-F as used by DVBPR and CSCNN (Chatfield et al., BMVC 2014):
             conv 11x11/4 x64, 5x5 x256, three 3x3 x256, 3x3/2 max pools,
-            FC fc_dim - fc_dim - d (4096-4096 at full size).
+            FC fc_dim - fc_dim - d (4096-4096 at full size), dropout after
+            fc6 and fc7; 6x6x256 before fc6 at 224 px.
   resnet18  ResNet-18 (He et al., CVPR 2016) with GroupNorm, base width
             configurable (64 at full size).
 
@@ -84,7 +85,9 @@ class SmallCNN(nnx.Module):
     self.pool = tuple(pools)
     self.fc = nnx.Linear(c_in, out_dim, **kw)
 
-  def __call__(self, x: jax.Array, categories: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, categories: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    del dropout_rng  # no dropout layers
     return self.attention_maps(x, categories)[0]  # gates: dead code under jit
 
   def attention_maps(self, x: jax.Array, categories: jax.Array
@@ -104,18 +107,26 @@ class SmallCNN(nnx.Module):
 
 
 class CNNF(nnx.Module):
-  """CNN-F (DVBPR / CSCNN backbone).
+  """CNN-F (DVBPR / CSCNN backbone), as published (Chatfield et al. 2014).
 
-  conv1 is VALID as in CNN-F; the 3x3/2 pools use ceil-mode (SAME) padding
-  (MatConvNet's pool1 pads the same way) so that any image of >= 11 px works.
-  At 224 px the last map is 7x7x256.
+  The layer shapes and paddings of the authors' released model
+  (MatConvNet's imagenet-vgg-f): conv1 11x11/4 unpadded; 3x3/2 max pools
+  padded by one row and column at the bottom/right, so a map of n becomes
+  n // 2; at 224 px that is 54 -> 27 -> 13 -> 6, and fc6 reads 6x6x256 =
+  9216 inputs. fc6 and fc7 are followed by dropout (rate fc_dropout, 0.5 in
+  CNN-F) when a dropout_rng is given, i.e. in training. Maps smaller than
+  2 (images under 35 px) pool with SAME padding instead, so small images
+  still work. LRN is dropped (see the module docstring).
   """
 
   def __init__(self, image_size: int, out_dim: int,
                spec: attention_lib.AttentionSpec, fc_dim: int = 4096, *,
-               dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+               fc_dropout: float = 0.5, dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
     if image_size < 11:
       raise ValueError(f"cnnf needs images of >= 11 px, got {image_size}")
+    if not 0.0 <= fc_dropout < 1.0:
+      raise ValueError(f"fc_dropout={fc_dropout} outside [0, 1)")
     kw = dict(dtype=dtype, rngs=rngs)
     # (out channels, kernel, stride, padding, pool after)
     layers = [(64, 11, 4, "VALID", True), (256, 5, 1, "SAME", True),
@@ -129,23 +140,40 @@ class CNNF(nnx.Module):
       size = (size - k) // s + 1 if pad == "VALID" else _ceil_div(size, s)
       self.attns.append(spec.make(c, size, size, **kw))
       pools.append(pool)
-      size = _ceil_div(size, 2) if pool else size
+      size = _cnnf_pool_size(size) if pool else size
       c_in = c
     self.pool = tuple(pools)
     self.final_size = size
+    self.fc_dropout = fc_dropout
     self.fc6 = nnx.Linear(size * size * c_in, fc_dim, kernel_init=_HE, **kw)
     self.fc7 = nnx.Linear(fc_dim, fc_dim, kernel_init=_HE, **kw)
     self.fc8 = nnx.Linear(fc_dim, out_dim, **kw)
 
-  def __call__(self, x: jax.Array, categories: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, categories: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
     for conv, attn, pool in zip(self.convs, self.attns, self.pool):
       x = attn(jax.nn.relu(conv(x)), categories)
       if pool:
-        x = max_pool(x, 3, 2, "SAME")
+        x = max_pool(x, 3, 2, ((0, 1), (0, 1)) if x.shape[1] >= 2 else "SAME")
     x = x.reshape(x.shape[0], -1)
-    x = jax.nn.relu(self.fc6(x))
-    x = jax.nn.relu(self.fc7(x))
+    keys = (jax.random.split(dropout_rng) if dropout_rng is not None
+            else (None, None))
+    x = _dropout(jax.nn.relu(self.fc6(x)), self.fc_dropout, keys[0])
+    x = _dropout(jax.nn.relu(self.fc7(x)), self.fc_dropout, keys[1])
     return self.fc8(x)
+
+
+def _cnnf_pool_size(n: int) -> int:
+  """Output size of CNN-F's 3x3/2 pool padded (0, 1): n // 2 (SAME below 2)."""
+  return n // 2 if n >= 2 else n
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity without an rng (eval, export, serving)."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _group_norm(c: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -208,7 +236,9 @@ class ResNet18(nnx.Module):
     self.final_size = size
     self.fc = nnx.Linear(c_in, out_dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, categories: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, categories: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    del dropout_rng  # no dropout layers
     x = jax.nn.relu(self.stem_norm(self.stem(x)))
     x = self.stem_attn(x, categories)
     x = max_pool(x, 3, 2, ((1, 1), (1, 1)))
@@ -221,14 +251,15 @@ def build_backbone(name: str, image_size: int, out_dim: int,
                    spec: attention_lib.AttentionSpec, *,
                    small_channels: Sequence[int] = (32, 32, 64, 64),
                    fc_dim: int = 4096, resnet_width: int = 64,
-                   dtype: jnp.dtype = jnp.float32,
+                   fc_dropout: float = 0.5, dtype: jnp.dtype = jnp.float32,
                    rngs: nnx.Rngs) -> nnx.Module:
   """The backbone named by config.model.backbone."""
   if name == "small":
     return SmallCNN(image_size, out_dim, spec, tuple(small_channels),
                     dtype=dtype, rngs=rngs)
   if name == "cnnf":
-    return CNNF(image_size, out_dim, spec, fc_dim, dtype=dtype, rngs=rngs)
+    return CNNF(image_size, out_dim, spec, fc_dim, fc_dropout=fc_dropout,
+                dtype=dtype, rngs=rngs)
   if name == "resnet18":
     return ResNet18(image_size, out_dim, spec, resnet_width, dtype=dtype,
                     rngs=rngs)

@@ -68,10 +68,14 @@ class ImageEncoder(nnx.Module):
     self.backbone = backbones.build_backbone(
         config.backbone, info.image_size, config.visual_dim, spec,
         small_channels=tuple(config.small_channels), fc_dim=config.fc_dim,
-        resnet_width=config.resnet_width, dtype=dtype, rngs=rngs)
+        resnet_width=config.resnet_width,
+        # .get: configs of runs from before fc_dropout existed.
+        fc_dropout=config.get("fc_dropout", 0.5), dtype=dtype, rngs=rngs)
 
-  def __call__(self, images: jax.Array, categories: jax.Array) -> jax.Array:
-    return self.backbone(normalize_images(images, self.dtype), categories)
+  def __call__(self, images: jax.Array, categories: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    return self.backbone(normalize_images(images, self.dtype), categories,
+                         dropout_rng=dropout_rng)
 
 
 class AttentionUnit(nnx.Module):
@@ -152,6 +156,18 @@ class CTRModel(nnx.Module):
       encoder = ImageEncoder(config, info, dtype=dtype, rngs=rngs)
       in_dim += config.visual_dim
     self.encoder = nnx.data(encoder)
+    # Content back-off for cold start: an item in the OOV row (never seen,
+    # rarer than min_count, or dropped by id_dropout) gets the OOV vector
+    # plus a learned projection of its image embedding, so its item_id slot
+    # says something about this item rather than about all rare items.
+    backoff = None
+    if config.get("item_backoff", False):
+      if not self.use_image:
+        raise ValueError("item_backoff needs use_image=True")
+      self.item_col = info.feature_index("item_id")
+      backoff = nnx.Linear(config.visual_dim, config.embed_dim, dtype=dtype,
+                           rngs=rngs)
+    self.backoff = nnx.data(backoff)
     pooling = config.behavior_pooling
     if pooling != "none":
       if not self.use_image:
@@ -171,14 +187,14 @@ class CTRModel(nnx.Module):
         cross_low_rank=config.cross_low_rank, mlp_dims=tuple(config.mlp_dims),
         dtype=dtype, rngs=rngs)
 
-  def encode_images(self, images: jax.Array,
-                    categories: jax.Array) -> jax.Array | None:
+  def encode_images(self, images: jax.Array, categories: jax.Array,
+                    dropout_rng: jax.Array | None = None) -> jax.Array | None:
     """uint8 [U, H, W, 3], int32 [U] -> [U, d] (None when use_image=False)."""
     if self.encoder is None:
       return None
     if not self.use_category:
       categories = jnp.zeros_like(categories)  # every image in the OOV row
-    emb = self.encoder(images, categories)
+    emb = self.encoder(images, categories, dropout_rng)
     # Late fusion: the visual features are fixed inputs to the CTR model.
     return jax.lax.stop_gradient(emb) if self.late_fusion else emb
 
@@ -197,12 +213,17 @@ class CTRModel(nnx.Module):
                        for i, name in enumerate(self.sparse_features)}
     ids = {name: id_embeddings[name].astype(self.dtype)
            for name in self.sparse_features}
+    if self.use_image:
+      emb = image_embeddings.astype(self.dtype)
+      ad = emb[batch["ad_image"]]
+      if self.backoff is not None:
+        oov = batch["sparse"][:, self.item_col] == 0
+        ids["item_id"] = ids["item_id"] + jnp.where(
+            oov[:, None], self.backoff(ad), 0).astype(self.dtype)
     parts = list(ids.values())
     if self.num_dense:
       parts.append(batch["dense"].astype(self.dtype))
     if self.use_image:
-      emb = image_embeddings.astype(self.dtype)
-      ad = emb[batch["ad_image"]]
       parts.append(ad)
       if self.pooling is not None:
         rows = batch["behavior_images"]
@@ -213,11 +234,17 @@ class CTRModel(nnx.Module):
     return self.head(jnp.concatenate(parts, axis=-1))
 
   def __call__(self, batch: dict[str, jax.Array],
-               id_embeddings: dict[str, jax.Array] | None = None) -> jax.Array:
-    """Logits float32 [B]; the CNN runs once per row of batch['images']."""
+               id_embeddings: dict[str, jax.Array] | None = None,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Logits float32 [B]; the CNN runs once per row of batch['images'].
+
+    dropout_rng: given in training only (CNN-F's fc dropout); without it
+    the model is deterministic, as eval, export and serving need.
+    """
     emb = None
     if self.use_image:
-      emb = self.encode_images(batch["images"], batch["image_category"])
+      emb = self.encode_images(batch["images"], batch["image_category"],
+                               dropout_rng)
     return self.score(batch, emb, id_embeddings)
 
 

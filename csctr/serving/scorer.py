@@ -273,15 +273,19 @@ class Scorer:
 
   def _behaviors(self, request: Mapping[str, Any], emb: np.ndarray,
                  mask: np.ndarray, result: ScoreResult) -> None:
-    """Gathers the first L behaviour embeddings into emb [L, d], mask [L]."""
-    ids = np.asarray(request.get("behavior_ids", ()), np.int64)
-    ids = ids[:self._num_behaviors]
+    """Gathers the last L usable behaviour embeddings into emb [L], mask [L].
+
+    The data's truncation policy (batch.last_valid): ids missing from the
+    table or -1 are skipped, then the most recent L kept, oldest first.
+    """
+    ids = np.asarray(request.get("behavior_ids", ()), np.int64).reshape(-1)
     if ids.size:
       rows, found = self.table.lookup(ids)
       valid = ids >= 0  # -1 = no behaviour, as in the data
       result.behavior_misses = int((valid & ~found).sum())
-      mask[:len(ids)] = valid & found
-      np.take(self._emb, rows, axis=0, out=emb[:len(ids)])
+      rows = batch_lib.last_valid(rows, valid & found, self._num_behaviors)
+      mask[:len(rows)] = True
+      np.take(self._emb, rows, axis=0, out=emb[:len(rows)])
 
   def _ad_embeddings(self, cands: Mapping[str, Any], sparse: np.ndarray,
                      out: np.ndarray, result: ScoreResult) -> None:

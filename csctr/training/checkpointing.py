@@ -39,6 +39,9 @@ import orbax.checkpoint as ocp
 
 from csctr import storage
 
+# What BestCheckpointer ranks checkpoints by (the validation eval's key).
+BEST_METRIC = "auc"
+
 
 class _StateSnapshot:
   """An iterator state frozen at save time, in the shape Grain's handler reads.
@@ -119,6 +122,14 @@ class Checkpointer:
     """Last committed step; tmp directories of interrupted saves don't count."""
     return self._manager.latest_step()
 
+  def committed_before(self, step: int) -> int | None:
+    """The last step < `step` saved; called after save(step) it is committed.
+
+    (Orbax finishes a save before it starts the next one.)
+    """
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    return max(earlier) if earlier else None
+
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
@@ -146,6 +157,79 @@ class Checkpointer:
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+class BestCheckpointer:
+  """The model of the best validation eval so far, beside the latest state.
+
+  A second Orbax CheckpointManager (WORKDIR/best_checkpoint) holding only
+  what inference needs ({'params', 'rest'} under the item name 'state', so
+  rundir.restore_items / restore_model(best=True) read it), saved with
+  its validation metric whenever an eval beats every earlier one. Orbax's
+  own `max_to_keep` garbage collection is not used: it could delete the
+  previous best while the newer one is still ahead of the last committed
+  train checkpoint, and a SIGKILL then would lose both (the newer one is
+  rewound on resume). Instead `prune(step)` drops only checkpoints dominated
+  by one at or before `step`, a committed train checkpoint, and `rewind`
+  drops the ones a resumed run will redo. Saves are synchronous (they are
+  rare), so a committed train checkpoint at step s implies the best
+  checkpoint of any eval <= s is on disk.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str]):
+    self._manager = ocp.CheckpointManager(
+        epath.Path(directory), item_names=("state",),
+        options=ocp.CheckpointManagerOptions(
+            best_fn=lambda m: m[BEST_METRIC], best_mode="max", create=True,
+            cleanup_tmp_directories=True, enable_async_checkpointing=False))
+
+  def _scores(self, up_to: int | None = None) -> list[tuple[int, float]]:
+    out = []
+    for step in self._manager.all_steps():
+      if up_to is None or step <= up_to:
+        value = (self._manager.metrics(step) or {}).get(BEST_METRIC)
+        out.append((step, float("nan") if value is None else float(value)))
+    return sorted(out)
+
+  def best(self, up_to: int | None = None) -> tuple[int, float] | None:
+    """(step, metric) of the best checkpoint (ties: the earliest), or None."""
+    scores = [s for s in self._scores(up_to) if s[1] == s[1]]
+    if not scores:
+      return None
+    return max(scores, key=lambda s: (s[1], -s[0]))
+
+  def consider(self, step: int, state: Any, value: float) -> bool:
+    """Saves state's model if `value` beats every earlier one; True if saved."""
+    best = self.best()
+    if value != value or (best is not None and value <= best[1]):
+      return False
+    self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+            {"params": state["params"], "rest": state["rest"]})),
+        metrics={BEST_METRIC: float(value)}, force=True)
+    return True
+
+  def rewind(self, step: int) -> None:
+    """Deletes checkpoints after `step` (a resumed run redoes those evals)."""
+    for s, _ in self._scores():
+      if s > step:
+        self._manager.delete(s)
+    self.prune(step)
+
+  def prune(self, committed: int) -> None:
+    """Deletes the checkpoints <= committed that are not the best of them."""
+    best = self.best(committed)
+    for s, _ in self._scores(committed):
+      if best is None or s != best[0]:
+        self._manager.delete(s)
+
+  def restore(self, step: int, abstract: Any) -> Any:
+    """{'params', 'rest'} of checkpoint `step`, placed per `abstract`."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
 
   def close(self) -> None:
     self._manager.close()

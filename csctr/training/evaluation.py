@@ -26,12 +26,37 @@ def evaluate(eval_step, state: State, config: ml_collections.ConfigDict,
              split: str = "test") -> dict[str, Any]:
   """Metrics over the whole split: predictions are collected, then scored once."""
   collector = metrics_lib.Collector()
+  refs = dropped = 0
   shards = mesh_lib.data_shards(sharding)
   for local in pipeline.eval_batches(config, data_path, split, shards):
     out = jax.device_get(eval_step(state, mesh_lib.global_batch(
         local, sharding, shards)))
     collector.add(out["logits"], out)
-  return collector.compute(info.bayes_auc)
+    if "behavior_dropped" in local:  # this process's part (0 by design)
+      dropped += int(local["behavior_dropped"].sum())
+      refs += int(local["behavior_mask"].sum()) + int(
+          local["behavior_dropped"].sum())
+  values = collector.compute(split_bayes_auc(info, split))
+  if info.num_behaviors:
+    values.update(behavior_refs=refs, dropped_behavior_refs=dropped)
+  return values
+
+
+def eval_splits(info: batch_lib.DataInfo) -> tuple[str, ...]:
+  """The splits a run scores: validation (when present) and test."""
+  return tuple(s for s in ("validation", "test") if has_split(info, s))
+
+
+def has_split(info: batch_lib.DataInfo, split: str) -> bool:
+  """Whether the prepared dataset holds a non-empty `split`."""
+  return split in info.splits and info.splits[split].groups > 0
+
+
+def split_bayes_auc(info: batch_lib.DataInfo, split: str) -> float | None:
+  """The Bayes AUC of a split (simulated data), None when unknown."""
+  if split == "test":
+    return info.bayes_auc
+  return info.splits[split].bayes_auc if split in info.splits else None
 
 
 def write_eval(workdir: str, writer: SummaryWriter | None, step: int,

@@ -21,7 +21,9 @@ from tensorboardX import SummaryWriter
 from csctr import progress as progress_lib
 from csctr import rundir
 from csctr import storage
+from csctr.data import autobatch
 from csctr.data import pipeline
+from csctr.training import baselines
 from csctr.training import checkpointing
 from csctr.training import evaluation
 from csctr.training import mesh as mesh_lib
@@ -49,6 +51,14 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
   return path or pipeline.prepare_dataset(config)
 
 
+def _dropped_fraction(values: list[dict[str, Any]]) -> tuple[int, int] | None:
+  """(dropped, all) behaviour references of some steps; None without DICM."""
+  if not values or "behavior_refs" not in values[0]:
+    return None
+  return (sum(int(v["dropped_behavior_refs"]) for v in values),
+          sum(int(v["behavior_refs"]) for v in values))
+
+
 class _StepLog:
   """Deferred loss checks and progress lines.
 
@@ -57,9 +67,11 @@ class _StepLog:
   steps since the last one, before anything is saved.
   """
 
-  def __init__(self, start_step: int, total: int, writer):
+  def __init__(self, start_step: int, total: int, writer, slots: int = 0,
+               max_dropped: float = 1.0):
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
     self.total, self.writer = total, writer
+    self.slots, self.max_dropped = slots, max_dropped
     self.meter = progress_lib.Meter(total, start_step)
 
   def flush(self, log: bool) -> None:
@@ -74,6 +86,14 @@ class _StepLog:
             f"non-finite loss at step {s} (loss={v['loss']}, "
             f"grad_norm={v['grad_norm']}); the last checkpoint is the last "
             "good state")
+    dropped = _dropped_fraction(values)
+    if dropped is not None and dropped[0] > self.max_dropped * dropped[1]:
+      raise ValueError(
+          f"steps {steps[0]}-{steps[-1]} dropped {dropped[0]} of {dropped[1]} "
+          "behaviour references (their images did not fit the batch's "
+          f"unique_images), over config.data.max_dropped_behavior_fraction="
+          f"{self.max_dropped}: raise data.unique_images or lower "
+          "groups_per_batch (pipeline.behavior_overflow estimates the rate)")
     if not log:
       return
     step = steps[-1]
@@ -81,10 +101,15 @@ class _StepLog:
     steps_per_s, eta = self.meter.rate(step), self.meter.eta(step)
     loss = float(np.mean([v["loss"] for v in values]))
     lr = float(values[-1]["learning_rate"])
+    impressions = sum(int(v["impressions"]) for v in values)
+    extra = (f", packing {impressions / (len(values) * self.slots):.2f}"
+             if self.slots else "")
+    if dropped is not None:
+      extra += f", behaviours dropped {dropped[0]}/{dropped[1]}"
     logging.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e | %.0f "
-                 "impressions/s, %.2f steps/s, ETA %.0fs", step, self.total,
+                 "impressions/s, %.2f steps/s, ETA %.0fs%s", step, self.total,
                  loss, float(values[-1]["grad_norm"]), lr, rate, steps_per_s,
-                 eta)
+                 eta, extra)
     if self.writer is not None:
       for k, v in (("loss", loss), ("impressions_per_sec", rate),
                    ("learning_rate", lr),
@@ -106,11 +131,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   storage.makedirs(workdir)
   mesh = mesh_lib.make_mesh(config)
-  mesh_lib.check_batch_divides(config, mesh)
   data_sharding = NamedSharding(mesh, P("data"))
   shards = mesh_lib.data_shards(data_sharding)
   data_path = prepare_data(config)
   info = pipeline.load_info(data_path)
+  config = autobatch.resolve(config, info, mesh.shape["data"])
+  mesh_lib.check_batch_divides(config, mesh)
   logging.info("mesh %s; dataset %s: %s", dict(mesh.shape), data_path, info)
   if jax.process_index() == 0:
     rundir.save_run_files(workdir, config, info, data_path)
@@ -133,13 +159,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state = steps_lib.init_state(init_fn, shardings)
     if config.model.encoder_init:
       state = steps_lib.init_encoder_from(state, shardings, config.model.encoder_init)
+  # With a validation split, evals during training are on it and select the
+  # best checkpoint; test is scored once, at the end, on that checkpoint.
+  eval_split = ("validation" if evaluation.has_split(info, "validation")
+                else "test")
+  best = (checkpointing.BestCheckpointer(rundir.best_checkpoint_dir(workdir))
+          if eval_split == "validation" else None)
+  if best is not None:
+    best.rewind(start_step)
   if jax.process_index() == 0:
     rundir.truncate_eval_log(workdir, start_step)
+    baselines.write(workdir, data_path, evaluation.eval_splits(info),
+                    {s: evaluation.split_bayes_auc(info, s)
+                     for s in evaluation.eval_splits(info)})
   writer = (SummaryWriter(workdir, purge_step=start_step + 1 if start_step
                           else None) if jax.process_index() == 0 else None)
 
   total = config.num_train_steps
-  progress = _StepLog(start_step, total, writer)
+  progress = _StepLog(
+      start_step, total, writer,
+      slots=config.data.groups_per_batch * config.data.group_size,
+      max_dropped=config.data.max_dropped_behavior_fraction)
   record = None
   try:
     for step in range(start_step + 1, total + 1):
@@ -154,20 +194,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       # eval of step s is logged, so a resume from s never skips it.
       if (config.eval_every and step % config.eval_every == 0) or last:
         progress.flush(log=False)
-        record = evaluation.write_eval(workdir, writer, step, "test", evaluation.evaluate(
-            eval_step, state, config, data_path, info, data_sharding))
+        record = evaluation.write_eval(
+            workdir, writer, step, eval_split, evaluation.evaluate(
+                eval_step, state, config, data_path, info, data_sharding,
+                split=eval_split))
+        if best is not None:  # saved before the train checkpoint of step
+          best.consider(step, state, record[checkpointing.BEST_METRIC])
         progress.restart(step)
       if (config.checkpoint_every and step % config.checkpoint_every == 0
           or last):
         progress.flush(log=False)  # never save a state after a bad step
         ckpt.save(step, state, train_iter)
+        if best is not None:
+          best.prune(ckpt.committed_before(step) or 0)
         progress.restart(step)
   finally:
     ckpt.wait()  # a good checkpoint in flight is committed even on error
+    committed = ckpt.latest_step() or 0
     ckpt.close()
     if writer is not None:
       writer.close()
 
+  if best is not None:
+    try:
+      best.prune(committed)
+      return _final_test_of_best(best, eval_step, state, steps.shardings,
+                                 config, data_path, info, data_sharding,
+                                 workdir)
+    finally:
+      best.close()
   if record is None:
     # Nothing left to train: the run was complete. Every process evaluates
     # (the eval is collective, and only process 0 may see the log file);
@@ -177,4 +232,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if jax.process_index() == 0 and record not in rundir.read_eval_log(workdir):
       with SummaryWriter(workdir) as writer:
         evaluation.write_eval(workdir, writer, total, "test", values)
+  return record
+
+
+def _final_test_of_best(best: checkpointing.BestCheckpointer, eval_step,
+                        state: steps_lib.State, shardings: steps_lib.State,
+                        config: ml_collections.ConfigDict, data_path: str,
+                        info: Any, data_sharding: NamedSharding,
+                        workdir: str) -> dict[str, Any]:
+  """The test eval of the best-validation checkpoint, logged once.
+
+  Every process evaluates (the eval is collective); a rerun of a finished
+  run recomputes the same record bit for bit and does not log it again.
+  """
+  chosen = best.best()
+  if chosen is None:
+    raise ValueError("no validation eval produced a finite AUC: cannot "
+                     "select a checkpoint (is the validation split one-class?)")
+  step, value = chosen
+  model_state = best.restore(step, {
+      k: rundir.abstract_with_shardings(state[k], shardings[k])
+      for k in ("params", "rest")})
+  values = evaluation.evaluate(eval_step, dict(state, **model_state), config,
+                               data_path, info, data_sharding, split="test")
+  values = {"best_step": step, "best_validation_auc": value, **values}
+  total = config.num_train_steps
+  record = rundir.eval_record(total, "test", values)
+  if jax.process_index() == 0 and record not in rundir.read_eval_log(workdir):
+    with SummaryWriter(workdir) as writer:
+      evaluation.write_eval(workdir, writer, total, "test", values)
   return record

@@ -58,8 +58,9 @@ def make_init_fn(config: ml_collections.ConfigDict, info: batch_lib.DataInfo,
   Keys: params (nnx.Param state: ID tables and dense parameters), rest (other
   nnx variables), opt_state (optax's, of the dense parameters), embed_opt
   (the tables' slots, {slot: tree like the tables}), step, rng (key data of
-  the base PRNG key: id dropout draws from it, folded with the step, so a
-  resumed run draws the same).
+  the base PRNG key: id dropout draws from it, folded with the step, and
+  CNN-F's fc dropout from that key folded with 1, so a resumed run draws the
+  same).
   """
 
   def init() -> State:
@@ -115,16 +116,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def step(state: State, batch: dict[str, jax.Array]):
     tables, dense = split_tables(state["params"])
     sparse = batch["sparse"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]),
+                             state["step"])
     if id_dropout > 0:
-      key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]),
-                               state["step"])
       sparse = embeddings.drop_ids(sparse, id_dropout, key)
+    dropout_rng = jax.random.fold_in(key, 1)  # CNN-F's fc dropout
     found = embeddings.lookup_tables(tables, sparse, batch["weight"], features)
 
     def objective(dense, id_embeddings):
       model = nnx.merge(graphdef, nnx.merge_state(tables, dense),
                         state["rest"])
-      loss = loss_fn(model(batch, id_embeddings), batch)
+      # The model sees the ids it was given (after id dropout), so that a
+      # dropped id is OOV everywhere, content back-off included.
+      loss = loss_fn(model(dict(batch, sparse=sparse), id_embeddings,
+                           dropout_rng=dropout_rng), batch)
       return loss, nnx.state(model, nnx.Not(nnx.Param))
 
     per_impression = {n: f.rows[f.inverse] for n, f in found.items()}
@@ -146,6 +151,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     step_metrics = {"loss": loss, "grad_norm": norm,
                     "impressions": jnp.sum(batch["weight"] > 0),
                     "learning_rate": schedule(state["step"])}
+    if "behavior_dropped" in batch:  # DICM: references the budget dropped
+      dropped = jnp.sum(batch["behavior_dropped"])
+      step_metrics["dropped_behavior_refs"] = dropped
+      step_metrics["behavior_refs"] = jnp.sum(batch["behavior_mask"]) + dropped
     return new_state, step_metrics
 
   return step
