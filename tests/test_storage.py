@@ -133,7 +133,7 @@ def test_one_variable_configures_every_client(emulator):
              PYTHONPATH=str(ROOT))
   proc = subprocess.run(
       [sys.executable, "-c", _CLIENTS, f"gs://{BUCKET}/clients"], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=120)
+      env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[:2] == ["OK", "3"]
 
