@@ -124,6 +124,7 @@ def runs(tmp_path_factory):
   assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
   assert single.returncode == 0, single_err[-4000:]
   assert killed.returncode != 0, killed_log[-4000:]
+  assert (out / "elastic" / "checkpoints").is_dir(), killed_log[-4000:]
   committed = sorted(int(p.name) for p in (out / "elastic" / "checkpoints")
                      .iterdir() if p.name.isdigit())
   # The resume: one process picks up the 2-process checkpoint of step 6.
