@@ -9,7 +9,7 @@ import pytest
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: an end-to-end test of a minute or more (CI runs it)")
+      "markers", "slow: an end-to-end test over ~30 s (CI still runs it)")
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +26,3 @@ def trained_tiny_workdir(tmp_path_factory) -> str:
   config.checkpoint_every = 0
   train.train_and_evaluate(config, str(workdir))
   return str(workdir)
-
-
-def pytest_configure(config):
-  config.addinivalue_line(
-      "markers", "slow: end-to-end tests over ~30 s (CI still runs them)")
