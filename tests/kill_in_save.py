@@ -39,10 +39,15 @@ def python_for_launcher(directory: pathlib.Path) -> str:
   """A $PYTHON for launch/local_multiprocess.sh that runs PROGRAM instead
   of `-m csctr.main`."""
   path = directory / "python"
+  # Only the training command is replaced: the launcher also runs $PYTHON
+  # for other things (e.g. picking a free port).
   path.write_text(
       "#!/usr/bin/env bash\n"
-      '[[ "$1 $2" == "-m csctr.main" ]] && shift 2\n'
-      f'exec {sys.executable} -c "$(cat {directory / "program.py"})" "$@"\n')
+      'if [[ "$1 $2" == "-m csctr.main" ]]; then\n'
+      "  shift 2\n"
+      f'  exec {sys.executable} -c "$(cat {directory / "program.py"})" "$@"\n'
+      "fi\n"
+      f'exec {sys.executable} "$@"\n')
   (directory / "program.py").write_text(PROGRAM)
   path.chmod(0o755)
   return str(path)
