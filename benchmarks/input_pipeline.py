@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from csctr.data import pipeline
 from csctr.data import prepared
+from csctr.data import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Experiment config file.",
@@ -67,7 +68,7 @@ def main(argv):
   start = time.perf_counter()
   cached = prepared.is_prepared(
       prepared.cache_path(
-          pipeline.data_root(config), pipeline.dataset_key(config)))
+          pipeline.data_root(config), registry.dataset_key(config)))
   path = pipeline.prepare_dataset(config)
   prepare_s = time.perf_counter() - start
   info = pipeline.load_info(path)

@@ -19,6 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from csctr.data import batch as batch_lib
+from csctr.model import embeddings
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]) * 255.0
 _STD = torch.tensor([0.229, 0.224, 0.225]) * 255.0
@@ -150,7 +151,11 @@ def bce_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tens
 def build(config, info: batch_lib.DataInfo) -> Model:
   """The twin of csctr's model for config.model (small/cscnn/dcn only)."""
   m = config.model
-  return Model(info.image_size, tuple(m.small_channels), info.vocab_sizes,
+  # csctr pads each ID table to a multiple of rows (never looked up): the
+  # twin holds the same tables, so the parameter counts match.
+  rows = [embeddings.padded_rows(v, m.table_row_multiple)
+          for v in info.vocab_sizes]
+  return Model(info.image_size, tuple(m.small_channels), rows,
                info.num_dense, info.num_categories, embed_dim=m.embed_dim,
                visual_dim=m.visual_dim, prior_dim=m.channel_prior_dim,
                reduction=m.reduction, kernel=m.spatial_kernel,

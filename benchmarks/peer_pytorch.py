@@ -7,8 +7,9 @@ r"""csctr's train step against the same model in PyTorch, eager and compiled.
 One model for both frameworks (the shape of issue 16): the small CSCNN with
 32-64-128 channels at 32 px, category channel and spatial attention after
 every conv, a DCN head with an MLP of 256-128, B = --impressions (1000)
-impressions per step, Adam on everything (ID tables at config.optim.embed_lr,
-the rest at config.optim.lr), no clipping, no weight decay, constant rate.
+impressions per step, Adam (ID tables at config.optim.embed_lr: csctr's
+row-sparse lazy Adam, torch's Adam on whole tables; the rest at
+config.optim.lr), no clipping, no weight decay, constant rate.
 The PyTorch twin (benchmarks/peer_model.py) has the same parameters: their
 counts are printed and must be equal, and tests/test_peer_pytorch.py checks
 that it computes the same logits from csctr's weights.
@@ -74,7 +75,9 @@ def peer_config(base, k: int, impressions: int):
   config.model.mlp_dims = (256, 128)
   config.model.dtype = "float32"
   o = config.optim
-  o.dense_optimizer = o.embed_optimizer = "adam"
+  # csctr's ID tables take row-sparse lazy Adam (csctr/model/embeddings.py),
+  # the twin's torch Adam on whole tables: the tables are tiny at this shape.
+  o.dense_optimizer, o.embed_optimizer = "adam", "lazy_adam"
   o.clip_norm, o.schedule, o.warmup_steps = 0.0, "constant", 0
   config.data.group_size = k
   config.data.groups_per_batch = config.data.unique_images = impressions // k

@@ -186,6 +186,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.shard_embeddings = False  # row-shard ID tables ...
   # ... over these axes: ("model",), or ("data", "model") for every device.
   config.mesh.embedding_axes = ("model",)
+  # Lay 'model' across processes (hosts) instead of within one: for ID tables
+  # larger than a host; replica hosts then feed identical data blocks.
+  config.mesh.model_across_processes = False
   # FSDP: shard every leaf of >= fsdp_min_size elements (params and optimizer
   # slots) along its largest dim that divides over 'data' (csctr/training/loop.py,
   # SHARDING_RULES); smaller ones stay replicated.

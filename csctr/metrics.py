@@ -17,13 +17,13 @@ import numpy as np
 # The metrics of one evaluation: an eval record (csctr/rundir.py) is
 # {"step", "split"} plus these; bayes_auc only when the data is simulated.
 EVAL_FIELDS = ("auc", "gauc", "logloss", "calibration", "cold_auc",
-               "num_impressions", "bayes_auc",
-               # The final test eval of a run with a validation split: the
-               # checkpoint it scores (csctr/training/loop.py).
-               "best_step", "best_validation_auc",
-               # DICM: behaviour references, and those dropped (always 0 in
-               # evals, csctr/data/pipeline.py eval_plan).
-               "behavior_refs", "dropped_behavior_refs")
+               "num_impressions", "bayes_auc")
+# Fields some eval records add: the final test eval of a run with a
+# validation split names the checkpoint it scores (csctr/training/loop.py);
+# DICM evals count behaviour references and dropped ones (always 0 in evals,
+# csctr/data/pipeline.py eval_plan).
+OPTIONAL_EVAL_FIELDS = ("best_step", "best_validation_auc", "behavior_refs",
+                        "dropped_behavior_refs")
 
 
 def _grouped_auc(labels: np.ndarray, scores: np.ndarray,

@@ -7,7 +7,9 @@
 
 restore_model rebuilds a trained model from these alone. This module imports
 nothing of the training stack (no Grain, TFDS, optax or tensorboardX), so the
-online scorer can use it.
+online scorer can use it. WORKDIR may be a URL (gs://...): every file goes
+through csctr.storage, and each is written whole (an object upload, or a
+local rename), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import shutil
 from typing import Any
 
 from absl import logging
-from etils import epath
 from flax import nnx
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from csctr import storage
 from csctr import metrics
 from csctr.data import batch as batch_lib
 from csctr.data import vocab as vocab_lib
@@ -42,7 +44,7 @@ BEST_CHECKPOINT_DIR = "best_checkpoint"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS_DIR)
+  return storage.join(workdir, CHECKPOINTS_DIR)
 
 
 def best_checkpoint_dir(workdir: str) -> str:
@@ -51,11 +53,12 @@ def best_checkpoint_dir(workdir: str) -> str:
 
 def eval_record(step: int, split: str,
                 values: dict[str, Any]) -> dict[str, Any]:
-  """One line of METRICS_FILE: step, split and metrics.EVAL_FIELDS.
+  """One line of METRICS_FILE: step, split, metrics.EVAL_FIELDS (+ optional).
 
   NaN (an undefined AUC) is written as null: strict JSON has no NaN.
   """
-  unknown = set(values) - set(metrics.EVAL_FIELDS)
+  unknown = (set(values) - set(metrics.EVAL_FIELDS)
+             - set(metrics.OPTIONAL_EVAL_FIELDS))
   if unknown:
     raise ValueError(f"eval values {sorted(unknown)} are not in "
                      f"metrics.EVAL_FIELDS {metrics.EVAL_FIELDS}")
@@ -78,17 +81,28 @@ def latest_committed_step(workdir: str) -> int | None:
 
 def read_eval_log(workdir: str) -> list[dict[str, Any]]:
   """The evals logged so far; a line cut short by a kill is skipped."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, METRICS_FILE)
+  if not storage.exists(path):
     return []
   entries = []
-  with open(path) as f:
-    for line in f:
-      try:
-        entries.append(json.loads(line))
-      except json.JSONDecodeError:
-        logging.warning("skipping a partial line of %s: %r", path, line)
+  for line in storage.read_text(path).splitlines():
+    try:
+      entries.append(json.loads(line))
+    except json.JSONDecodeError:
+      logging.warning("skipping a partial line of %s: %r", path, line)
   return entries
+
+
+def _write_eval_log(workdir: str, entries: list[dict[str, Any]]) -> None:
+  # Rewritten whole (it is small): object stores cannot append, and a kill
+  # mid-write leaves the old log (rename or single upload), never half a line.
+  storage.write_text(storage.join(workdir, METRICS_FILE),
+                     "".join(json.dumps(e) + "\n" for e in entries))
+
+
+def append_eval(workdir: str, record: dict[str, Any]) -> None:
+  """Adds one eval record to WORKDIR/eval_metrics.jsonl."""
+  _write_eval_log(workdir, [*read_eval_log(workdir), record])
 
 
 def truncate_eval_log(workdir: str, last_step: int) -> None:
@@ -97,28 +111,17 @@ def truncate_eval_log(workdir: str, last_step: int) -> None:
   A run killed between an eval and the next checkpoint would otherwise log
   that eval twice.
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return
-  keep = [e for e in read_eval_log(workdir) if e["step"] <= last_step]
-  # Rewritten whole (it is small), which also drops a line a kill cut short.
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(e) + "\n" for e in keep)
-  os.replace(path + ".tmp", path)  # atomic: a kill here loses nothing
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
+  if storage.exists(storage.join(workdir, METRICS_FILE)):
+    _write_eval_log(workdir, [e for e in read_eval_log(workdir)
+                              if e["step"] <= last_step])
 
 
 def save_run_files(workdir: str, config: ml_collections.ConfigDict,
                    info: batch_lib.DataInfo, data_path: str) -> None:
   """Writes WORKDIR/config.json and data_info.json (+ the dataset path)."""
-  _write_json_atomic(os.path.join(workdir, CONFIG_FILE),
+  storage.write_json(storage.join(workdir, CONFIG_FILE),
                      json.loads(config.to_json_best_effort()))
-  _write_json_atomic(os.path.join(workdir, DATA_INFO_FILE),
+  storage.write_json(storage.join(workdir, DATA_INFO_FILE),
                      {**info.to_json(), "data_path": data_path})
   # The vocabularies travel with the run: serving maps raw ids with them
   # even after the dataset cache is cleared or on another machine.
@@ -139,14 +142,12 @@ def load_vocabularies(workdir: str) -> dict[str, vocab_lib.Vocabulary]:
 def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,
                                           batch_lib.DataInfo, str]:
   """(config, info, prepared dataset path) of the run in `workdir`."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} not found: was {workdir} written by "
                             "train.train_and_evaluate?")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(os.path.join(workdir, DATA_INFO_FILE)) as f:
-    d = json.load(f)
+  config = ml_collections.ConfigDict(storage.read_json(path))
+  d = storage.read_json(storage.join(workdir, DATA_INFO_FILE))
   return config, batch_lib.DataInfo.from_json(d), d["data_path"]
 
 
@@ -194,7 +195,7 @@ def restore_items(directory: str | os.PathLike[str], abstract: dict[str, Any],
     (restored entries, step); step defaults to the latest committed one.
   """
   manager = ocp.CheckpointManager(
-      epath.Path(directory), item_names=("state", "data"),
+      storage.as_path(directory), item_names=("state", "data"),
       options=ocp.CheckpointManagerOptions(
           create=False, cleanup_tmp_directories=False, read_only=True,
           save_interval_steps=0))

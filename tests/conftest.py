@@ -7,6 +7,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: an end-to-end test of a minute or more (CI runs it)")
+
+
 @pytest.fixture(scope="session")
 def trained_tiny_workdir(tmp_path_factory) -> str:
   """A tiny 6-step trained run (one eval, one checkpoint), shared by the export and serving tests."""

@@ -68,7 +68,7 @@ def test_training_batches_count_what_the_budget_drops(dicm):
 
 
 def test_progress_stops_above_the_configured_fraction():
-  progress = loop._Progress(0, 10, None, slots=4, max_dropped=0.05)  # pylint: disable=protected-access
+  progress = loop._StepLog(0, 10, None, slots=4, max_dropped=0.05)  # pylint: disable=protected-access
   ok = {"loss": 1.0, "grad_norm": 1.0, "impressions": 4, "learning_rate": 0.1,
         "behavior_refs": 100, "dropped_behavior_refs": 5}
   progress.pending = [(1, ok)]

@@ -130,28 +130,34 @@ def test_restored_iterator_yields_the_same_next_batches(ds, tmp_path):
         np.testing.assert_array_equal(got[key], w[key], err_msg=key)
 
 
-def test_process_shards_are_disjoint_and_cover(ds):
+def test_process_blocks_are_slices_of_one_global_batch(ds):
+  """Any split into blocks (any process count, any block order) gives back
+  the global batch: global rows, the same order, the same iterator state."""
   config, path, info, truth = ds
-  n_groups = len(pipeline.groups_source(path, "train"))
-  seen, eval_seen, eval_counts = [], [], []
-  for p in range(2):
-    it = pipeline.train_iterator(config, path, p, 2)
-    mine = len(range(p, n_groups, 2))
-    batches = [next(it) for _ in range(-(-mine // 2))]
-    assert batches[0]["ad_image"].shape == (2 * K,)  # G = 4 / 2 per process
-    seen.append(np.concatenate(_groups_of(batches)[:mine]))
-    ev = list(pipeline.eval_batches(config, path, "test", p, 2))
-    eval_counts.append(len(ev))
-    assert ev[0]["images"].shape[0] == 16
-    eval_seen.append(np.concatenate([b["impression_id"][b["weight"] > 0]
-                                     for b in ev]))
-  for split, parts in (("train", seen), ("test", eval_seen)):
-    assert not np.intersect1d(parts[0], parts[1]).size
-    np.testing.assert_array_equal(np.sort(np.concatenate(parts)),
-                                  truth[split]["impression_id"])
-  assert eval_counts[0] == eval_counts[1]  # lockstep across processes
-  with pytest.raises(ValueError, match="divisible"):
-    pipeline.train_iterator(config, path, 0, 3)
+  full_it = pipeline.train_iterator(config, path)
+  full = [next(full_it) for _ in range(3)]
+  full_eval = list(pipeline.eval_batches(config, path))
+  for shards in (pipeline.Shards(2, (0,)), pipeline.Shards(2, (1,)),
+                 pipeline.Shards(4, (1, 3)), pipeline.Shards(4, (0, 1, 2, 3))):
+    d = config.data
+    b_rows = shards.rows(d.groups_per_batch * K, "B")
+    u_rows = shards.rows(d.unique_images, "U")
+    it = pipeline.train_iterator(config, path, shards)
+    for want in full:
+      got = next(it)
+      for key, value in got.items():
+        rows = u_rows if key in pipeline.IMAGE_ROW_FIELDS else b_rows
+        np.testing.assert_array_equal(value, want[key][rows], err_msg=key)
+    assert it.get_state() == full_it.get_state()  # one global position
+    got_eval = list(pipeline.eval_batches(config, path, "test", shards))
+    assert len(got_eval) == len(full_eval)
+    u_rows = shards.rows(d.eval_unique_images, "U")
+    b_rows = shards.rows(d.eval_groups_per_batch * K, "B")
+    for got, want in zip(got_eval, full_eval):
+      np.testing.assert_array_equal(got["images"], want["images"][u_rows])
+      np.testing.assert_array_equal(got["ad_image"], want["ad_image"][b_rows])
+  with pytest.raises(ValueError, match="not divisible by the 3 devices"):
+    pipeline.train_iterator(config, path, pipeline.Shards(3, (0,)))
 
 
 def test_behavior_overflow_is_masked_and_counted(ds):

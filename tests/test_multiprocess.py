@@ -1,16 +1,16 @@
-"""Two processes on this machine train exactly as one process on the same batches.
+"""One global data order: 1 process, 2 processes, and a resume across counts agree.
 
-launch/local_multiprocess.sh 2 runs the normal entry point as two CPU
-processes (one device each) joined by jax.distributed: Grain shards the data
-by process, global batches come from jax.make_array_from_process_local_data,
-process 0 alone writes metrics and logs, and both write the Orbax checkpoint.
+launch/local_multiprocess.sh N runs the normal entry point as N CPU processes
+joined by jax.distributed. Global batch i is a function of the config and the
+seed only (csctr.data.pipeline): each process builds the blocks of it that
+its devices hold. So, with the same arguments:
 
-The reference is one process training on the same global batches. Those are
-not the batches of a plain run with the same global groups_per_batch (Grain
-shuffles each process's shard of groups separately), so the reference builds
-them as the two processes do, from both processes' iterators, offsetting the
-second one's image rows by its table size (mesh_lib.global_batch's rule). Evals
-cover the whole test split in both runs, so their metrics compare directly.
+- 2 processes x 4 devices on a (data=4, model=2) mesh whose 'model' axis
+  spans the two processes (each process feeds all four 'data' blocks, as
+  replica hosts must) train as 1 process on 1 device: the same evals and
+  parameters up to float reduction order;
+- a 2-process run killed inside a save, resumed as 1 process, ends where an
+  uninterrupted run ends: no batch skipped or repeated.
 
 A persistent XLA compile cache ($JAX_COMPILATION_CACHE_DIR, else one under
 the system temp dir) makes reruns much faster than the first.
@@ -31,85 +31,30 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
+import kill_in_save
 from csctr.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "local_multiprocess.sh"
 STEPS = 12
-OVERRIDES = (f"--config.num_train_steps={STEPS}", f"--config.eval_every={STEPS}",
+OVERRIDES = (f"--config.num_train_steps={STEPS}", "--config.eval_every=6",
              "--config.checkpoint_every=6", "--config.log_every=6")
-
-# One process, the global batches of `n` processes (see the module docstring).
-_REFERENCE = r"""
-import json, sys
-import numpy as np
-from absl import flags
-from csctr.data import pipeline
-from csctr.training import loop as train
-
-from csctr import main  # the entry point's own flags parse the arguments
-
-n = int(sys.argv[1])
-flags.FLAGS(["reference", *sys.argv[2:]])
-config, workdir = main._CONFIG.value, main._WORKDIR.value
-per_process = pipeline.train_iterator
-
-# How main reads a multi-process run from flags or the environment; checked
-# here because importing csctr.main defines its flags process-wide.
-env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-       "JAX_PROCESS_ID": "3"}
-print("KWARGS " + json.dumps([
-    main.distributed_kwargs(False, None, None, None, 60, env={}),
-    main.distributed_kwargs(False, None, None, None, 60, env=env),
-    main.distributed_kwargs(False, "h:1", 2, 0, 9, env=env),
-    main.distributed_kwargs(True, None, None, None, 300, env={})]))
+# 'model' = 2 across the two processes, ID tables row-sharded over it.
+MODEL_ACROSS = ("--config.mesh.shape=(4,2)",
+                "--config.mesh.model_across_processes=True",
+                "--config.mesh.shard_embeddings=True")
 
 
-class Merged:
-  '''The iterators of processes 0..n-1, concatenated as global_batch does.'''
-
-  def __init__(self, iterators, rows):
-    self.iterators, self.rows = iterators, rows
-
-  def __next__(self):
-    parts = [dict(next(it)) for it in self.iterators]
-    for i, part in enumerate(parts):
-      for key in ("ad_image", "behavior_images"):
-        if key in part:
-          part[key] = part[key] + np.int32(i * self.rows)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def get_state(self):
-    return {"processes": [it.get_state() for it in self.iterators]}
-
-  def set_state(self, state):
-    for it, s in zip(self.iterators, state["processes"]):
-      it.set_state(s)
-
-
-def train_iterator(config, path, process_index=0, process_count=1):
-  return Merged([per_process(config, path, i, n) for i in range(n)],
-                config.data.unique_images // n)
-
-
-pipeline.train_iterator = train_iterator
-record = train.train_and_evaluate(config, workdir)
-print("RECORD " + json.dumps(record))
-"""
-
-
-def _env(cache_dir: str) -> dict[str, str]:
+def _env(cache_dir: str, devices: int = 1) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   # Unoptimised XLA: this checks equality, not speed, and compiling the
-  # train step at -O0 takes half the time (process 1 always compiles: JAX
-  # writes the persistent cache from process 0 only, under keys that differ
-  # between processes).
+  # train step at -O0 takes half the time.
   env.update(XLA_FLAGS="--xla_backend_optimization_level=0")
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             PYTHON=sys.executable, PYTHONPATH=str(ROOT), TIMEOUT="400",
-             INIT_TIMEOUT="60")
+             PYTHON=sys.executable, PYTHONPATH=str(ROOT), TIMEOUT="900",
+             INIT_TIMEOUT="120", DEVICES_PER_PROCESS=str(devices))
   return env
 
 
@@ -123,67 +68,107 @@ def _params(step_dir: pathlib.Path) -> dict[str, np.ndarray]:
           for k, v in ocp.tree.to_flat_dict(state["params"]).items()}
 
 
+def _evals(workdir: pathlib.Path) -> list[dict]:
+  with open(workdir / "eval_metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_same_training(got: pathlib.Path, want: pathlib.Path) -> None:
+  """Evals and final params equal up to float reduction order."""
+  a, b = _evals(got), _evals(want)
+  assert [e["step"] for e in a] == [e["step"] for e in b] == [6, STEPS]
+  for x, y in zip(a, b):
+    assert x["num_impressions"] == y["num_impressions"] == 600
+    for key in ("auc", "gauc", "cold_auc", "logloss", "calibration"):
+      assert abs(x[key] - y[key]) < 1e-4, (key, x, y)
+  p, q = (_params(w / "checkpoints" / str(STEPS)) for w in (got, want))
+  assert p.keys() == q.keys()
+  for key in q:
+    np.testing.assert_allclose(p[key], q[key], rtol=1e-4, atol=1e-5,
+                               err_msg=key)
+
+
+def _position(workdir: pathlib.Path, step: int) -> dict[str, dict]:
+  data = workdir / "checkpoints" / str(step) / "data"
+  return {p.name: json.loads(p.read_text())
+          for p in sorted(data.glob("process_*.json"))}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("multiprocess")
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
       tempfile.gettempdir(), "csctr-test-jax-cache")
-  data_dir = str(out / "data")
   config = tiny.get_config()
-  config.data_dir = data_dir
-  pipeline.prepare_dataset(config)  # once, before both runs read it
-  args = ["--config=configs/tiny.py", f"--config.data_dir={data_dir}",
+  config.data_dir = str(out / "data")
+  pipeline.prepare_dataset(config)  # once, before every run reads it
+  args = ["--config=configs/tiny.py", f"--config.data_dir={config.data_dir}",
           *OVERRIDES]
-  env = _env(cache)
-  # Both runs at once: the two processes spend part of their time waiting
-  # on each other, which the reference fills.
-  reference = subprocess.Popen(
-      [sys.executable, "-c", _REFERENCE, "2", f"--workdir={out / 'single'}",
-       *args],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
+  # The 8-device run alone (a starved process can miss the coordination
+  # service's heartbeats), then the two small ones side by side.
   multi = subprocess.run(
-      ["bash", str(SCRIPT), "2", f"--workdir={out / 'multi'}", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=450)
-  ref_out, ref_err = reference.communicate(timeout=450)
+      ["bash", str(SCRIPT), "2", f"--workdir={out / 'multi'}", *args,
+       *MODEL_ACROSS], cwd=ROOT, env=_env(cache, devices=4),
+      capture_output=True, text=True, timeout=1000)
+  single = subprocess.Popen(
+      [sys.executable, "-m", "csctr.main", f"--workdir={out / 'single'}",
+       *args], cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  killed = subprocess.Popen(
+      ["bash", str(SCRIPT), "2", f"--workdir={out / 'elastic'}", *args],
+      cwd=ROOT, env={**_env(cache), kill_in_save.ENV: str(STEPS),
+                     "PYTHON": kill_in_save.python_for_launcher(out)},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  killed_log, _ = killed.communicate(timeout=1000)
+  _, single_err = single.communicate(timeout=1000)
   assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
-  assert reference.returncode == 0, ref_err[-4000:]
-  record, kwargs = (json.loads(re.search(rf"^{tag} (.*)$", ref_out, re.M)[1])
-                    for tag in ("RECORD", "KWARGS"))
+  assert single.returncode == 0, single_err[-4000:]
+  assert killed.returncode != 0, killed_log[-4000:]
+  assert (out / "elastic" / "checkpoints").is_dir(), killed_log[-4000:]
+  committed = sorted(int(p.name) for p in (out / "elastic" / "checkpoints")
+                     .iterdir() if p.name.isdigit())
+  # The resume: one process picks up the 2-process checkpoint of step 6.
+  resumed = subprocess.run(
+      [sys.executable, "-m", "csctr.main", f"--workdir={out / 'elastic'}",
+       *args], cwd=ROOT, env=_env(cache), capture_output=True, text=True,
+      timeout=1000)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
   return {"dir": out, "multi_log": multi.stdout + multi.stderr,
-          "single_record": record, "kwargs": kwargs}
+          "committed_when_killed": committed, "resumed_log": resumed.stderr}
 
 
-def test_two_processes_match_one_process_on_the_same_batches(runs):
-  out = runs["dir"]
-  with open(out / "multi" / "eval_metrics.jsonl") as f:
-    (multi,) = [json.loads(line) for line in f]  # one eval, logged once
-  single = runs["single_record"]
-  assert multi["step"] == single["step"] == STEPS
-  s = tiny.get_config().synthetic
-  assert multi["num_impressions"] == single["num_impressions"] == round(
-      s.num_impressions * s.test_fraction)
-  for key in ("auc", "gauc", "cold_auc"):
-    assert abs(multi[key] - single[key]) < 2e-3, key
-  for key in ("logloss", "calibration"):
-    np.testing.assert_allclose(multi[key], single[key], rtol=1e-4, err_msg=key)
-  got = _params(out / "multi" / "checkpoints" / str(STEPS))
-  ref = _params(out / "single" / "checkpoints" / str(STEPS))
-  assert got.keys() == ref.keys()
-  for key in ref:
-    np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-5,
-                               err_msg=key)
-
-
-def test_checkpoints_are_collective_and_process_0_alone_logs(runs):
+def test_model_axis_across_two_processes_matches_one_process(runs):
   out, log = runs["dir"], runs["multi_log"]
+  _assert_same_training(out / "multi", out / "single")
+  assert "mesh {'data': 4, 'model': 2}" in log
+  # An ID table is row-sharded over the 'model' axis that spans processes.
+  assert re.search(r"sharding \S*embed\S* \(.*\) -> PartitionSpec\('model'",
+                   log), log[-3000:]
+
+
+def test_every_process_saves_the_one_global_position(runs):
+  out = runs["dir"]
   for step in (6, STEPS):
-    data = out / "multi" / "checkpoints" / str(step) / "data"
-    # Each process saved its own Grain position into the one checkpoint.
-    assert sorted(p.name for p in data.glob("process_*.json")) == [
-        "process_0-of-2.json", "process_1-of-2.json"]
-    assert json.loads((data / "process_1-of-2.json").read_text()) == {
-        "next_index": step}  # process 1's own position (its shard, 6 batches)
+    want = {"process_0-of-1.json": {"next_index": step}}
+    assert _position(out / "single", step) == want
+    assert _position(out / "multi", step) == {
+        f"process_{i}-of-2.json": {"next_index": step} for i in range(2)}
+
+
+def test_two_process_checkpoint_resumes_as_one_process(runs):
+  out = runs["dir"]
+  # Killed inside the save of the last step: only step 6 was committed, by
+  # two processes; the eval of step 12 had been logged and is redone once.
+  assert runs["committed_when_killed"] == [6]
+  assert "process_0-of-2.json (written by 2 processes)" in runs["resumed_log"]
+  assert "Restored step 6" in runs["resumed_log"]
+  assert _position(out / "elastic", STEPS) == {
+      "process_0-of-1.json": {"next_index": STEPS}}
+  _assert_same_training(out / "elastic", out / "single")
+
+
+def test_process_0_alone_logs(runs):
+  out, log = runs["dir"], runs["multi_log"]
   assert re.search(r"^\[0\] I.*eval test step 12", log, re.M)
   assert re.search(r"^\[0\] I.*process 0/2", log, re.M)
   # Process 1 ran (it joined the Gloo group) but logged nothing at INFO.
@@ -237,8 +222,25 @@ def test_usage_without_process_count():
   assert proc.returncode == 2 and "local_multiprocess.sh" in proc.stdout
 
 
-def test_distributed_arguments_from_flags_or_environment(runs):
-  single, from_env, from_flags, detected = runs["kwargs"]  # see _REFERENCE
+_KWARGS = r"""
+import json
+from csctr import main
+env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+       "JAX_PROCESS_ID": "3"}
+print(json.dumps([
+    main.distributed_kwargs(False, None, None, None, 60, env={}),
+    main.distributed_kwargs(False, None, None, None, 60, env=env),
+    main.distributed_kwargs(False, "h:1", 2, 0, 9, env=env),
+    main.distributed_kwargs(True, None, None, None, 300, env={})]))
+"""
+
+
+def test_distributed_arguments_from_flags_or_environment():
+  # In a subprocess: importing csctr.main defines its flags process-wide.
+  proc = subprocess.run([sys.executable, "-c", _KWARGS], cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, check=True)
+  single, from_env, from_flags, detected = json.loads(proc.stdout)
   assert single is None  # nothing asks for processes: one-process run
   assert from_env == {"coordinator_address": "10.0.0.1:1234",
                       "num_processes": 4, "process_id": 3,

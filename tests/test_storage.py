@@ -133,6 +133,59 @@ def test_one_variable_configures_every_client(emulator):
              PYTHONPATH=str(ROOT))
   proc = subprocess.run(
       [sys.executable, "-c", _CLIENTS, f"gs://{BUCKET}/clients"], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=120)
+      env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split()[:2] == ["OK", "3"]
+
+
+def test_a_byod_directory_in_a_bucket_reads_as_on_disk(storage, tmp_path,
+                                                        monkeypatch):
+  from csctr.data import registry  # pylint: disable=g-import-not-at-top
+  from test_byod import collect, make_config, make_dataset  # pylint: disable=g-import-not-at-top
+  local = make_dataset(tmp_path / "byod")
+  url = f"gs://{BUCKET}/byod"
+  storage.upload_dir(str(local), url, "items.csv")
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+  sources = []
+  for path in (str(local), url):
+    config = make_config(path)
+    config.data.group_size = 4
+    sources.append(registry.make_source(config))
+  on_disk, in_bucket = sources
+  assert in_bucket.num_items == on_disk.num_items == 6
+  for split in ("train", "test"):
+    a, b = collect(on_disk, split), collect(in_bucket, split)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  np.testing.assert_array_equal(
+      np.concatenate([x for _, x in in_bucket.item_images()]),
+      np.concatenate([x for _, x in on_disk.item_images()]))
+  assert (tmp_path / "cache").is_dir()  # read from a local copy
+
+
+def test_one_process_prepares_into_the_bucket_the_others_wait(
+    storage, tmp_path, monkeypatch):
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
+  from csctr.data import prepared  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data_dir = f"gs://{BUCKET}/prepared"
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "writer"))
+  with futures.ThreadPoolExecutor(1) as pool:
+    waiter = pool.submit(pipeline.prepare_dataset, config, True)
+    path = pipeline.prepare_dataset(config)  # "process 0"
+    assert waiter.result(timeout=300) == path  # returned once committed
+  assert path.startswith(config.data_dir) and prepared.is_prepared(path)
+  info = prepared.load_info(path)  # read from the bucket
+  assert info.splits["test"].impressions == 600
+  # Another machine reads it through its own mirror: the same files.
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "reader"))
+  mine, theirs = (pathlib.Path(prepared.local_copy(path)),
+                  pathlib.Path(prepared.mirror_path(path).replace(
+                      str(tmp_path / "reader"), str(tmp_path / "writer"))))
+  assert mine != theirs
+  for rel in ("info.json", "images.npy", "item_category.npy"):
+    assert (mine / rel).read_bytes() == (theirs / rel).read_bytes()
+  assert pipeline.prepare_dataset(config) == path  # cached: nothing redone

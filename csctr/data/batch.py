@@ -23,7 +23,9 @@ image; Alibaba's AMS does the same for behaviour images).
 
 B = groups_per_batch * group_size (G groups of up to K impressions sharing one
 ad image) and U = unique_images are pure functions of the config, so XLA
-compiles once. Row 0 of every ID vocabulary (and category 0) is the
+compiles once. Both axes are split over the mesh's 'data' devices in the same
+D blocks (`Shards`): block j is impressions [jB/D, (j+1)B/D) and image rows
+[jU/D, (j+1)U/D); image indices stay global. Row 0 of every ID vocabulary (and category 0) is the
 out-of-vocabulary bucket.
 """
 
@@ -125,6 +127,35 @@ class DataInfo:
     except ValueError:
       raise KeyError(
           f"sparse feature {name!r} not in {self.sparse_features}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Shards:
+  """Which of a global batch's `count` row blocks this process builds.
+
+  Block j holds impression rows [j*B/count, (j+1)*B/count) and image rows
+  [j*U/count, (j+1)*U/count); `local` lists this process's blocks in
+  increasing order, and its batches are those blocks concatenated.
+  """
+
+  count: int = 1
+  local: tuple[int, ...] = (0,)
+
+  def rows(self, total: int, what: str) -> np.ndarray:
+    """Indices of this process's rows among `total` global rows."""
+    if total % self.count:
+      raise ValueError(f"{what}={total} is not divisible by the {self.count} "
+                       "devices of mesh axis 'data'")
+    per = total // self.count
+    return (np.asarray(self.local)[:, None] * per + np.arange(per)).reshape(-1)
+
+  @property
+  def is_all(self) -> bool:
+    return self.local == tuple(range(self.count))
+
+
+# Batch fields whose rows are image rows (U); all others are impressions (B).
+IMAGE_ROW_FIELDS = ("images", "image_category", "image_mask")
 
 
 def batch_shapes(info: DataInfo, groups_per_batch: int, group_size: int,

@@ -6,8 +6,8 @@ image groups of <= K. A batch here is G group records plus a gather of image
 rows, so producing one costs a few hundred microseconds (see
 benchmarks/pipeline.py); uint8 -> float happens on device in the model.
 
-Train: MapDataset(group records)[process_index::process_count]
-         .shuffle(shuffle_seed).repeat().batch(G, batch_fn=Collator)
+Train: MapDataset(group records)
+         .shuffle(shuffle_seed).repeat().batch(G, batch_fn=Collator(shards))
          .to_iter_dataset(prefetch threads)[.mp_prefetch(worker_count)]
 is infinite, reshuffled every epoch (Grain folds the epoch into the seed),
 deterministic for the seed, and its iterator is a grain DatasetIterator whose
@@ -17,8 +17,18 @@ in an Orbax CheckpointManager (csctr.training.checkpointing wraps exactly that),
 the restored iterator yields the batch that would have come next. Batches
 cross epoch boundaries (an epoch is a contiguous run of G-group slots).
 
-Image rows (`ad_image`, `behavior_images`) index the process-local image
-table; a trainer stacking the processes' tables adds process_index * U.
+One global data order. Global batch i is groups [i*G, (i+1)*G) of that
+shuffled stream, collated as one batch: a function of the config and the
+seed only, never of the number of processes or devices. Its rows are split
+into `Shards`: the D blocks of mesh axis 'data' (impression rows and image
+rows alike, B/D and U/D each); a process builds only the blocks its devices
+hold (csctr.training.mesh.data_shards reads them off the data sharding, so
+replica hosts on a 'model' axis get identical blocks, whatever the device
+order). Every process reads the G group records of the batch (the image
+table's layout depends on all of them; a record is a few hundred bytes) but
+gathers the pixels of its own image rows only. The iterator's state is then
+the same on every process, so a checkpoint resumes on any process count.
+`ad_image` and `behavior_images` index the global image table.
 
 Unique-image budget. The G ad images of a batch always fit (U >= G; repeated
 ad items share a row). Behaviour images fill the remaining U - #ads rows,
@@ -43,6 +53,7 @@ import ml_collections
 import numpy as np
 from tensorflow_datasets.proto import tf_example_pb2
 
+from csctr import storage
 from csctr.data import autobatch
 from csctr.data import batch as batch_lib
 from csctr.data import image_store
@@ -56,25 +67,48 @@ load_info = prepared.load_info
 # ---------------------------------------------------------------- prepare
 
 
+# How long processes other than 0 wait for process 0 to prepare a dataset
+# into shared storage (config.data.prepare_timeout_s overrides).
+PREPARE_TIMEOUT_S = 24 * 3600
+
+
 def data_root(config: ml_collections.ConfigDict) -> str:
-  """config.data_dir, else $CSCTR_DATA_DIR, else ~/.cache/csctr."""
+  """config.data_dir, else $CSCTR_DATA_DIR, else ~/.cache/csctr (or a URL)."""
   return (config.data_dir or os.environ.get("CSCTR_DATA_DIR")
           or os.path.join(os.path.expanduser("~"), ".cache", "csctr"))
 
 
-def prepare_dataset(config: ml_collections.ConfigDict) -> str:
-  """Prepares config's dataset once (cached by config hash); returns path."""
+def prepare_dataset(config: ml_collections.ConfigDict,
+                    wait: bool = False) -> str:
+  """Prepares config's dataset once (cached by config hash); returns path.
+
+  The path is a local directory or, when the data root is a URL, the URL of
+  the committed dataset: it is prepared into its local mirror
+  (prepared.local_copy) and uploaded with info.json last. With wait=True
+  nothing is prepared: this waits for another process (or a Beam job) to
+  commit it.
+  """
   key = registry.dataset_key(config)
   path = prepared.cache_path(data_root(config), key)
   if prepared.is_prepared(path):
     return path
+  if wait:
+    logging.info("waiting for %s to be prepared", path)
+    storage.wait_for(path, prepared.COMMIT_FILE, config.data.get(
+        "prepare_timeout_s", PREPARE_TIMEOUT_S))
+    return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
-  return prepare_lib.prepare(
-      registry.make_source(config), path, group_size=key["group_size"],
-      key=key, image_storage=key["image_storage"],
-      validation_fraction=config.data.validation_fraction,
-      target_packing=key.get("target_packing", autobatch.TARGET_PACKING),
-      max_group_size=key.get("max_group_size", autobatch.MAX_GROUP_SIZE))
+  local = prepared.mirror_path(path)
+  if not prepared.is_prepared(local):
+    prepare_lib.prepare(
+        registry.make_source(config), local, group_size=key["group_size"],
+        key=key, image_storage=key["image_storage"],
+        validation_fraction=config.data.validation_fraction,
+        target_packing=key.get("target_packing", autobatch.TARGET_PACKING),
+        max_group_size=key.get("max_group_size", autobatch.MAX_GROUP_SIZE))
+  if local != path:
+    storage.upload_dir(local, path, prepared.COMMIT_FILE)
+  return path
 
 
 # ---------------------------------------------------------------- reading
@@ -136,20 +170,34 @@ class GroupSource:
 # ---------------------------------------------------------------- batching
 
 
+Shards = batch_lib.Shards
+IMAGE_ROW_FIELDS = batch_lib.IMAGE_ROW_FIELDS
+
+
 class Collator:
   """Turns <= G group records into one batch of the contract's fixed shapes.
 
   Group g fills impression slots [g*K, g*K + n_g); the rest are padding
   (weight 0, impression_id -1). Missing groups (the end of an eval split)
-  are padding too. See the module docstring for the image-row policy.
+  are padding too. See the module docstring for the image-row policy. With
+  `shards`, only the process's blocks of the global batch are returned
+  (image pixels are gathered for those rows only).
   """
 
   def __init__(self, path: str, info: batch_lib.DataInfo,
-               groups_per_batch: int, group_size: int, unique_images: int):
+               groups_per_batch: int, group_size: int, unique_images: int,
+               shards: Shards = Shards()):
     self.path, self.info = path, info
     self.g, self.k, self.u = groups_per_batch, group_size, unique_images
-    self.shapes = batch_lib.batch_shapes(info, groups_per_batch, group_size,
-                                         unique_images)
+    self.shards = shards
+    self._b_rows = shards.rows(groups_per_batch * group_size,
+                               "groups_per_batch * group_size")
+    self._u_rows = shards.rows(unique_images, "unique_images")
+    self.shapes = {
+        k: ((len(self._u_rows if k in IMAGE_ROW_FIELDS else self._b_rows),
+             *shape[1:]), dtype)
+        for k, (shape, dtype) in batch_lib.batch_shapes(
+            info, groups_per_batch, group_size, unique_images).items()}
     self.stats = {"behavior_refs": 0, "dropped_behavior_refs": 0}
     self._tables_ = None
     self._warned = False
@@ -169,12 +217,29 @@ class Collator:
   def __call__(self, groups: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     if len(groups) > self.g:
       raise ValueError(f"{len(groups)} groups > groups_per_batch={self.g}")
-    images, category = self._tables()
-    out = {k: np.zeros(shape, dtype)
-           for k, (shape, dtype) in self.shapes.items()}
+    out = {k: np.zeros((self.g * self.k, *shape[1:]), dtype)
+           for k, (shape, dtype) in self.shapes.items()
+           if k not in IMAGE_ROW_FIELDS}
     out["impression_id"].fill(-1)
-    if not groups:
-      return out
+    rows = self._impressions(groups, out) if groups else np.zeros(0, np.int64)
+    if not self.shards.is_all:
+      out = {k: v[self._b_rows] for k, v in out.items()}
+    images, category = self._tables()
+    mine = self._u_rows < len(rows)  # this process's filled image rows
+    items = rows[self._u_rows[mine]]
+    for key, table in (("images", images), ("image_category", category)):
+      shape, dtype = self.shapes[key]
+      out[key] = np.zeros(shape, dtype)
+      out[key][mine] = table[items]
+    out["image_mask"] = mine
+    return out
+
+  def _impressions(self, groups, out) -> np.ndarray:
+    """Fills the impression fields of the whole batch; returns its image rows.
+
+    The image table's row r shows item rows[r]; ad_image and
+    behavior_images hold those (global) rows.
+    """
     sizes = np.array([len(x["label"]) for x in groups])
     total = int(sizes.sum())
     first = np.cumsum(sizes) - sizes
@@ -190,10 +255,7 @@ class Collator:
     out["ad_image"][slot] = np.repeat(ad_row.reshape(-1), sizes)
     if self.info.num_behaviors:
       rows = self._behaviors(groups, slot, rows, out)
-    out["images"][:len(rows)] = images[rows]
-    out["image_category"][:len(rows)] = category[rows]
-    out["image_mask"][:len(rows)] = True
-    return out
+    return rows
 
   def _behaviors(self, groups, slot, rows, out) -> np.ndarray:
     """Fills behavior_images/mask; returns the image table's item rows."""
@@ -237,13 +299,6 @@ class Collator:
 # ---------------------------------------------------------------- iterators
 
 
-def _per_process(total: int, process_count: int, what: str) -> int:
-  if total % process_count:
-    raise ValueError(f"{what}={total} is not divisible by the "
-                     f"{process_count} processes")
-  return total // process_count
-
-
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
   # Whole batches are built in the prefetch threads, overlapping the train
   # step; two threads keep up easily and leave the cores to XLA.
@@ -252,33 +307,21 @@ def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
       prefetch_buffer_size=config.data.prefetch_batches)
 
 
-def _groups(path: str, split: str, process_index: int,
-            process_count: int) -> grain.MapDataset:
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} outside "
-                     f"[0, {process_count})")
-  ds = grain.MapDataset.source(groups_source(path, split))
-  return ds[process_index::process_count]  # disjoint and covering
-
-
 def train_iterator(config: ml_collections.ConfigDict, path: str,
-                   process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+                   shards: Shards = Shards()) -> grain.DatasetIterator:
   """Infinite, per-epoch reshuffled, checkpointable iterator of train batches.
 
-  Each process gets G = groups_per_batch / process_count groups and
-  U = unique_images / process_count image rows per batch, from its own
-  disjoint shard of the training groups.
+  Yields this process's `shards` of each global batch (see the module
+  docstring); its state is the global batch index, the same everywhere.
   """
   d = config.data
-  g = _per_process(d.groups_per_batch, process_count, "groups_per_batch")
-  u = _per_process(d.unique_images, process_count, "unique_images")
-  info = load_info(path)
-  collate = Collator(path, info, g, d.group_size, u)
-  ds = _groups(path, "train", process_index, process_count)
+  g = d.groups_per_batch
+  path = prepared.local_copy(path)
+  collate = Collator(path, load_info(path), g, d.group_size, d.unique_images,
+                     shards)
+  ds = grain.MapDataset.source(groups_source(path, "train"))
   if len(ds) < g:
-    raise ValueError(f"{len(ds)} training groups on process {process_index}, "
-                     f"fewer than one batch ({g})")
+    raise ValueError(f"{len(ds)} training groups, fewer than one batch ({g})")
   ds = ds.shuffle(seed=d.shuffle_seed).repeat().batch(
       g, drop_remainder=True, batch_fn=collate)
   it = ds.to_iter_dataset(_read_options(config))
@@ -297,40 +340,32 @@ def train_iterator(config: ml_collections.ConfigDict, path: str,
 
 
 def eval_batches(config: ml_collections.ConfigDict, path: str,
-                 split: str = "test", process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 split: str = "test", shards: Shards = Shards()
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """Every impression of `split` exactly once, in fixed-shape batches.
 
-  The last batches are padded (weight 0). Every process yields the same
-  number of batches (fully padded ones where its shard runs out first), so
-  multi-host evals stay in lockstep.
+  Global batch i is the split's groups [i*G, (i+1)*G) in stored order; the
+  last one is padded (weight 0). Yields this process's `shards` of each, so
+  every process yields the same number of batches.
   """
   d = config.data
-  g = _per_process(d.eval_groups_per_batch, process_count,
-                   "eval_groups_per_batch")
-  u = _per_process(d.eval_unique_images, process_count, "eval_unique_images")
+  path = prepared.local_copy(path)
+  g, u = d.eval_groups_per_batch, d.eval_unique_images
   info = load_info(path)
-  collate = Collator(path, info, g, d.group_size, u)
+  collate = Collator(path, info, g, d.group_size, u, shards)
   if info.num_behaviors:
     # Batches cut so every behaviour image fits: nothing is dropped, and
-    # the metrics do not depend on which groups share a batch.
-    plans = _eval_plans(path, split, g, u, process_count)
-    num_batches = max(len(p) for p in plans)
+    # the metrics do not depend on which groups share a batch. One global
+    # plan: every process builds its blocks of the same batches.
+    (plan,) = _eval_plans(path, split, g, u, 1)
     source = groups_source(path, split)
-    ds = grain.MapDataset.source(plans[process_index]).map(
+    ds = grain.MapDataset.source(plan).map(
         lambda idx: collate([source[i] for i in idx]))
   else:
-    ds = _groups(path, split, process_index, process_count)
-    total = len(groups_source(path, split))
-    num_batches = -(-(-(-total // process_count)) // g)
+    ds = grain.MapDataset.source(groups_source(path, split))
     ds = ds.batch(g, drop_remainder=False, batch_fn=collate)
-  produced = 0
   if len(ds):
-    for batch in ds.to_iter_dataset(_read_options(config)):
-      produced += 1
-      yield batch
-  for _ in range(num_batches - produced):
-    yield collate([])
+    yield from ds.to_iter_dataset(_read_options(config))
 
 
 @functools.lru_cache(maxsize=16)

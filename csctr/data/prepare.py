@@ -21,8 +21,8 @@ Packing streams (Packer, csctr/data/packing.py): each impression chunk of
 the Source is sorted by item (stable, so time order survives inside a group)
 and cut into groups of at most K; an item's leftover partial group is
 carried into the next chunk (up to MAX_PENDING impressions), so groups fill
-up even when each chunk holds few impressions per item. Memory is bounded by a chunk plus the carried
-impressions, plus 9 bytes per test impression (true CTR, label, cold flag)
+up even when each chunk holds few impressions per item. Memory is bounded by
+a chunk plus the carried impressions, plus 9 bytes per test impression (true CTR, label, cold flag)
 kept to compute the exact Bayes AUC. The packing efficiency (real
 impressions / K slots) is recorded per split in info.json.
 
@@ -176,11 +176,10 @@ def _pack(chunks, group_size, scores):
 
 def count_train(source: source_lib.Source) -> np.ndarray:
   """Train impressions per item row (one extra pass over the train stream)."""
-  counts = np.zeros(source.num_items, np.int64)
-  for raw in source.impressions("train"):
-    counts += np.bincount(np.asarray(raw["item"], np.int64),
+  return sum((np.bincount(np.asarray(raw["item"], np.int64),
                           minlength=source.num_items)
-  return counts
+              for raw in source.impressions("train")),
+             np.zeros(source.num_items, np.int64))
 
 
 def _train_chunks(source, num_train, num_validation, held):
@@ -208,6 +207,25 @@ def _train_chunks(source, num_train, num_validation, held):
       yield part
   for chunk in held:
     chunk["is_cold"] = chunk["is_cold"] | ~seen[chunk["item"]]
+
+
+def _write_splits(source, tmp, features, group_size, num_validation,
+                  num_train) -> dict[str, batch_lib.SplitStats]:
+  """Writes train, validation (if asked for) and test; their SplitStats."""
+  held, splits = [], {}
+  scores = {"train": [], "validation": [], "test": []}
+  splits["train"] = _write_split(
+      tmp, "train", _pack(_train_chunks(source, num_train, num_validation,
+                                        held), group_size, scores["train"]),
+      features, group_size, scores["train"])
+  if held:  # the validation split exists only when asked for
+    splits["validation"] = _write_split(
+        tmp, "validation", _pack(held, group_size, scores["validation"]),
+        features, group_size, scores["validation"])
+  splits["test"] = _write_split(
+      tmp, "test", _split_groups(source, "test", group_size, scores["test"]),
+      features, group_size, scores["test"])
+  return splits
 
 
 def _write_split(tmp, split, groups, features, group_size, scores):
@@ -268,17 +286,13 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
   Args:
     source: the dataset to pack.
     path: final directory; must not exist yet.
-    group_size: K, the most impressions per image group, or 'auto': the
-      largest K <= max_group_size whose packing efficiency on the train
-      split's impressions-per-image counts is >= target_packing
-      (csctr/data/autobatch.py).
+    group_size: K, the most impressions per image group, or 'auto'
+      (csctr/data/autobatch.py, with target_packing and max_group_size).
     key: the dataset-relevant config, recorded in info.json.
     image_storage: how images are kept (csctr.data.image_store.STORAGES,
       all but 'original').
     validation_fraction: the last fraction of the train stream (time order)
       becomes the 'validation' split, for model selection; 0: none.
-    target_packing: see group_size.
-    max_group_size: see group_size.
 
   Returns:
     `path`.
@@ -295,11 +309,12 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
     if group_size == "auto":
       group_size = autobatch.choose_group_size(counts, target_packing,
                                                max_group_size)
-    num_train = int(counts.sum()) if counts is not None else 0
-    splits = _write_splits(tmp, source, features, group_size, num_train,
-                           validation_fraction)
+    splits = _write_splits(source, tmp, features, group_size, int(round(
+        (counts.sum() if counts is not None else 0) * validation_fraction)),
+                           int(counts.sum()) if counts is not None else 0)
     bayes_auc = (source.bayes_auc if source.bayes_auc is not None
                  else splits["test"].bayes_auc)
+    bayes_auc_cold = splits["test"].bayes_auc_cold
     info = batch_lib.DataInfo(
         sparse_features=tuple(source.sparse_features),
         vocab_sizes=tuple(int(v) for v in source.vocab_sizes),
@@ -309,7 +324,7 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
             "dataset": source.name, "group_size": group_size,
             "train_items_impressions": (autobatch.histogram(counts)
                                         if counts is not None else None),
-            "bayes_auc_cold": splits["test"].bayes_auc_cold,
+            "bayes_auc_cold": bayes_auc_cold,
             "source_stats": dict(source.stats), "config": key or {},
             "prepared_by": "inprocess", **image_counts})
     finish(tmp, path, info, features, splits, source.vocabularies, start)
@@ -318,28 +333,6 @@ def prepare(source: source_lib.Source, path: str, *, group_size: int | str,
     raise
   logging.info("prepared %s in %.1fs: %s", path, time.time() - start, splits)
   return path
-
-
-def _write_splits(tmp: str, source: source_lib.Source,
-                  features: tfds.features.FeaturesDict, group_size: int,
-                  num_train: int, validation_fraction: float
-                  ) -> dict[str, batch_lib.SplitStats]:
-  """Packs and writes train, validation (when asked for) and test."""
-  held, splits = [], {}
-  scores = {"train": [], "validation": [], "test": []}
-  splits["train"] = _write_split(tmp, "train", _pack(_train_chunks(
-      source, num_train, int(round(num_train * validation_fraction)), held),
-                                                     group_size,
-                                                     scores["train"]),
-                                 features, group_size, scores["train"])
-  if held:  # the validation split exists only when asked for
-    splits["validation"] = _write_split(
-        tmp, "validation", _pack(held, group_size, scores["validation"]),
-        features, group_size, scores["validation"])
-  splits["test"] = _write_split(
-      tmp, "test", _split_groups(source, "test", group_size, scores["test"]),
-      features, group_size, scores["test"])
-  return splits
 
 
 def finish(tmp: str, path: str, info: batch_lib.DataInfo,

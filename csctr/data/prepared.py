@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from csctr import storage
 from csctr.data import batch as batch_lib
 from csctr.data import source as source_lib
 
@@ -60,9 +61,9 @@ def json_default(x):
 
 
 def load_info(path: str) -> batch_lib.DataInfo:
-  """Reads the DataInfo of a prepared dataset."""
-  with open(os.path.join(path, INFO_FILE)) as f:
-    return batch_lib.DataInfo.from_json(json.load(f))
+  """Reads the DataInfo of a prepared dataset (a local path or a URL)."""
+  return batch_lib.DataInfo.from_json(
+      storage.read_json(storage.join(path, INFO_FILE)))
 
 
 def cache_path(root: str, key: dict[str, Any]) -> str:
@@ -75,13 +76,31 @@ def cache_path(root: str, key: dict[str, Any]) -> str:
                     default=json_default)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
   name = f"{key['dataset']}-{key['image_size']}px-k{key['group_size']}-{digest}"
-  return os.path.join(root, name)
+  return storage.join(root, name)
 
 
 def is_prepared(path: str) -> bool:
   """Complete iff the commit marker exists: it is written last, after every
-  other file (and locally the directory is renamed into place after it)."""
-  return os.path.isfile(os.path.join(path, COMMIT_FILE))
+  other file (locally the directory is then renamed into place; in an
+  object store it is uploaded last, see storage.upload_dir)."""
+  return storage.is_committed(path, COMMIT_FILE)
+
+
+def mirror_path(path: str) -> str:
+  """The local directory where a dataset at URL `path` is read (path itself
+  when local): the copy that prepare writes before uploading, or that
+  local_copy downloads."""
+  return storage.mirror_path(path)
+
+
+def local_copy(path: str) -> str:
+  """A local directory holding the committed dataset `path`.
+
+  ArrayRecord's reader and the memmapped image table need local files, so a
+  dataset in an object store is read from a mirror on each machine,
+  downloaded once (storage.local_mirror).
+  """
+  return storage.local_mirror(path, COMMIT_FILE)
 
 
 def commit(tmp: str, path: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from csctr import storage
 from csctr.data import source as source_lib
 
 Config = ml_collections.ConfigDict
@@ -94,8 +95,28 @@ def dataset_key(config: Config) -> dict[str, Any]:
 
 
 def make_source(config: Config) -> source_lib.Source:
-  """The Source of config.dataset."""
-  return get(config.dataset).make_source(config)
+  """The Source of config.dataset (a BYOD directory may be a URL)."""
+  dataset = get(config.dataset)
+  if dataset.module == "byod" and storage.is_remote(config.byod_path):
+    config = _with_local_byod(config)
+  return dataset.make_source(config)
+
+
+def _with_local_byod(config: Config) -> Config:
+  """config with byod_path a local copy of the URL it names.
+
+  The reader opens CSVs and image files by path. The copy is keyed by the
+  dataset key (which holds the CSVs' sizes and times), so an edited bucket
+  gets a fresh copy, not a stale one.
+  """
+  from csctr.data import prepared  # pylint: disable=g-import-not-at-top
+  digest = prepared.cache_path("", dataset_key(config)).rsplit("-", 1)[-1]
+  local = storage.local_mirror(
+      config.byod_path, "items.csv",
+      root=os.path.join(storage.cache_root(), f"byod-{digest}"))
+  config = config.copy_and_resolve_references()
+  config.byod_path = local
+  return config
 
 
 def _section(name: str) -> Callable[[Config], dict[str, Any]]:
@@ -109,10 +130,13 @@ def _byod_key(config: Config) -> dict[str, Any]:
   from csctr.data import byod  # pylint: disable=g-import-not-at-top
   if not config.byod_path:
     raise ValueError(f"dataset={config.dataset!r} needs config.byod_path")
-  root = os.path.abspath(os.path.expanduser(config.byod_path))
+  root = storage.normalize(config.byod_path)  # a local path or a URL
   # Edits to the logs or images make a new dataset, not a stale cache hit.
-  return {"byod_path": root, "byod": config.byod.to_dict(),
-          "files": byod.file_stamps(config)}
+  # In a bucket: the CSVs' size and time (listing every image is costly).
+  files = ({f: storage.stamp(storage.join(root, f))
+            for f in (byod.ITEMS_FILE, *byod.IMPRESSIONS_FILES)}
+           if storage.is_remote(root) else byod.file_stamps(config))
+  return {"byod_path": root, "byod": config.byod.to_dict(), "files": files}
 
 
 register(Dataset("synthetic", "synthetic", _section("synthetic"),

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from csctr.model import attention as attention_lib
-from csctr.model import conv as conv_lib
 
 BACKBONE_CHOICES = ("small", "cnnf", "resnet18")
 
@@ -72,11 +71,10 @@ class SmallCNN(nnx.Module):
     self.convs, self.attns, pools = nnx.List(), nnx.List(), []
     size, c_in = image_size, 3
     for i, c in enumerate(channels):
-      # im2col: the small maps this backbone is for run their convs (and
-      # above all the convs' gradients) faster as matmuls on CPU.
-      self.convs.append(nnx.Conv(
-          c_in, c, (3, 3), padding="SAME", kernel_init=_HE,
-          conv_general_dilated=conv_lib.im2col_conv_general_dilated, **kw))
+      # Plain lax.conv: csctr/model/conv.py's im2col is faster on CPU
+      # (docs/performance.md) but not enabled, see its docstring.
+      self.convs.append(nnx.Conv(c_in, c, (3, 3), padding="SAME",
+                                 kernel_init=_HE, **kw))
       self.attns.append(spec.make(c, size, size, **kw))
       # Pool after every layer but the last while the map can still shrink.
       pool = i < len(channels) - 1 and size > 1

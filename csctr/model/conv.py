@@ -18,6 +18,14 @@ prohibitive for 224 px ones, so only the small backbone uses it.
 plugs into nnx.Conv(conv_general_dilated=...) without changing the layer's
 parameters (checkpoints are unaffected); convolutions it does not cover
 (strides, dilations, groups, other layouts) go to lax.conv_general_dilated.
+
+Not wired into SmallCNN yet: tests/test_models.py counts the model's
+conv_general_dilated ops to check that the CNN runs once per unique image,
+and im2col turns the CNN's convs into dot_generals. Writing the matmul as a
+1x1 convolution instead keeps that count but is 3x slower than lax.conv on
+XLA:CPU (it stays a convolution). Enabling it (measured 1.2x on the whole
+step, docs/performance.md) needs that test to count dot_generals over U
+rows too: a decision for the model tests' owner.
 """
 
 from __future__ import annotations

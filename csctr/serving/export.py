@@ -73,6 +73,7 @@ from csctr.data import prepared
 from csctr import progress as progress_lib
 from csctr.data import image_store
 from csctr import rundir
+from csctr import storage
 
 from csctr.serving.table import CATEGORIES_FILE
 from csctr.serving.table import CATEGORY_MEAN_FILE
@@ -129,7 +130,12 @@ class ImageSource:
 
 
 def load_images(spec: str) -> ImageSource:
-  """A prepared dataset directory, or an .npz with images/categories[/ids]."""
+  """A prepared dataset directory, or an .npz with images/categories[/ids].
+
+  A dataset may be a URL: it is read from its local mirror.
+  """
+  if storage.is_remote(spec) and prepared.is_prepared(spec):
+    spec = prepared.local_copy(spec)
   if os.path.isdir(spec):
     images = image_store.open_images(spec, prepared.load_info(spec))
     categories = np.load(os.path.join(spec, prepared.CATEGORY_FILE))
@@ -378,9 +384,15 @@ def export(workdir: str, images: str | None = None, output: str | None = None,
       this table lacks, copy its rows; it must be of the same checkpoint.
       `output` then defaults to the next version beside it (6 -> 6.1 -> 6.2).
   """
-  if output and os.path.exists(output) and not overwrite:  # before restoring
+  if output and storage.exists(output) and not overwrite:  # before restoring
     raise FileExistsError(f"{output} exists (--overwrite to replace it)")
   model, config, info, step = rundir.restore_model(workdir, step)
+  output = output or (next_version(base_table) if base_table else
+                      storage.join(workdir, TABLES_DIR, str(step)))
+  # A URL: written into its local mirror (which EmbeddingTable then reads),
+  # then uploaded with meta.json last, the commit marker. Overwriting a URL
+  # deletes the old table first: a reader may find none, never a mix.
+  local = storage.mirror_path(output)
   if images is None:
     _, _, images = rundir.load_run_files(workdir)
     if not prepared.is_prepared(images):  # moved, or another machine
@@ -397,11 +409,12 @@ def export(workdir: str, images: str | None = None, output: str | None = None,
     base = EmbeddingTable(base_table)
     # Rows of two encoders must not mix in one table.
     base.check(meta["config_hash"], meta["encoder_hash"], step)
-  output = output or (next_version(base_table) if base_table else
-                      os.path.join(workdir, TABLES_DIR, str(step)))
-  write_table(output, model, source, num_categories=info.num_categories,
+  write_table(local, model, source, num_categories=info.num_categories,
               meta=meta, batch_size=batch_size, progress=progress,
-              overwrite=overwrite, base=base)
+              overwrite=overwrite or local != output, base=base)
+  if local != output:
+    storage.remove(output)
+    storage.upload_dir(local, output, META_FILE)
   return output
 
 

@@ -62,6 +62,7 @@ from csctr.data import batch as batch_lib
 from csctr.serving import export as export_lib
 from csctr.model import ctr
 from csctr import rundir
+from csctr import storage
 
 FALLBACKS = ("cnn", "category_mean")
 
@@ -202,7 +203,7 @@ class Scorer:
     model, run_config, info, step = rundir.restore_model(workdir, step)
     table = None
     if model.use_image:
-      table_path = table_path or os.path.join(
+      table_path = table_path or storage.join(
           workdir, export_lib.TABLES_DIR, str(step))
       table = export_lib.EmbeddingTable(table_path)
     return cls(model, run_config.model, info, table, config, step)

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from csctr import storage
+
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.npy"
@@ -27,6 +29,8 @@ class EmbeddingTable:
   """A table written by write_table, embeddings memory-mapped (read-only)."""
 
   def __init__(self, path: str):
+    if storage.is_remote(path):  # memmapped: read from a local mirror
+      path = storage.local_mirror(path, META_FILE)
     meta_path = os.path.join(path, META_FILE)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(f"{meta_path} not found: not an embedding table "

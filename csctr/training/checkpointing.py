@@ -5,13 +5,18 @@ Layout under WORKDIR/checkpoints (one Orbax CheckpointManager):
     <step>/state/   train state pytree (params, opt_state, rest, step, rng),
                     Orbax PyTree format, each array written from its shards
     <step>/data/    process_<i>-of-<n>.json: the Grain iterator state of every
-                    process (grain.checkpoint.CheckpointHandler's format)
+                    process (grain.checkpoint.CheckpointHandler's format);
+                    the data order is global (csctr.data.pipeline), so every
+                    process saves the same state and any one of them serves
+                    a restore on another process count
     <step>.orbax-checkpoint-tmp*   a save in flight; never read
 
 Exact resume rests on three facts. (1) Orbax writes into a tmp directory and
 renames it only after every item is on disk, so a process killed mid-save
 leaves no directory that `latest_step` lists; `cleanup_tmp_directories` deletes
-the debris on the next start. (2) The iterator position is captured in the
+the debris on the next start. On object stores (gs://), which cannot rename,
+Orbax writes <step>/ in place and commits it with <step>/commit_success.txt,
+written last; a step without it is not listed either. (2) The iterator position is captured in the
 caller's thread at `save` time, together with the arrays (Orbax copies device
 arrays to host before `save` returns, so donating them afterwards is safe),
 while the writing itself runs in the background. (3) The state and the data
@@ -31,6 +36,8 @@ from etils import epath
 import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
+
+from csctr import storage
 
 # What BestCheckpointer ranks checkpoints by (the validation eval's key).
 BEST_METRIC = "auc"
@@ -67,12 +74,23 @@ class IteratorHandler(grain_ckpt.CheckpointHandler):
     JSON here serves every iterator with get_state()/set_state() of dicts.
     """
     item = item if item is not None else args.item
-    index, count = jax.process_index(), jax.process_count()
-    path = epath.Path(directory) / f"process_{index}-of-{count}.json"
-    if not path.exists():
-      raise ValueError(f"no iterator state {path}: was the checkpoint written "
-                       f"by a run with another process count than {count}?")
-    item.set_state(json.loads(path.read_text()))
+    directory = epath.Path(directory)
+    own = directory / (
+        f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    paths = [own] if own.exists() else sorted(directory.glob("process_*.json"))
+    if not paths:
+      raise ValueError(f"no iterator state in {directory}")
+    state = json.loads(paths[0].read_text())
+    if not own.exists():  # another process count: the order must be global
+      others = [json.loads(p.read_text()) for p in paths[1:]]
+      if any(o != state for o in others):
+        raise ValueError(
+            f"the iterator states in {directory} differ between processes "
+            "(a checkpoint of a per-process data order): it resumes only on "
+            "the process count that wrote it")
+      logging.info("data position from %s (written by %d processes)",
+                   paths[0].name, len(paths))
+    item.set_state(state)
     return item
 
 
@@ -94,7 +112,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike[str], keep: int,
                async_save: bool = True):
     self._manager = ocp.CheckpointManager(
-        epath.Path(directory),
+        storage.as_path(directory),
         item_names=("state", "data"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,

@@ -27,10 +27,10 @@ def evaluate(eval_step, state: State, config: ml_collections.ConfigDict,
   """Metrics over the whole split: predictions are collected, then scored once."""
   collector = metrics_lib.Collector()
   refs = dropped = 0
-  for local in pipeline.eval_batches(
-      config, data_path, split=split, process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    out = jax.device_get(eval_step(state, mesh_lib.global_batch(local, sharding)))
+  shards = mesh_lib.data_shards(sharding)
+  for local in pipeline.eval_batches(config, data_path, split, shards):
+    out = jax.device_get(eval_step(state, mesh_lib.global_batch(
+        local, sharding, shards)))
     collector.add(out["logits"], out)
     if "behavior_dropped" in local:  # this process's part (0 by design)
       dropped += int(local["behavior_dropped"].sum())
@@ -66,8 +66,7 @@ def write_eval(workdir: str, writer: SummaryWriter | None, step: int,
       f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
       for k, v in values.items()))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, rundir.METRICS_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    rundir.append_eval(workdir, record)
     for k, v in values.items():
       if isinstance(v, (int, float)) and v == v:
         writer.add_scalar(f"{split}/{k}", v, step)

@@ -9,7 +9,6 @@ directory's files, which export and serving read back).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
@@ -21,6 +20,7 @@ from tensorboardX import SummaryWriter
 
 from csctr import progress as progress_lib
 from csctr import rundir
+from csctr import storage
 from csctr.data import autobatch
 from csctr.data import pipeline
 from csctr.training import baselines
@@ -33,13 +33,18 @@ from csctr.training import steps as steps_lib
 def prepare_data(config: ml_collections.ConfigDict) -> str:
   """Prepares the dataset once per run, not once per process.
 
-  Process 0 prepares first; the others wait at a barrier, then find the
-  shared cache (a shared filesystem) or prepare their own copy (local disks,
-  as on TPU VMs). Concurrent preparers would be safe (prepare renames a
-  finished directory into place) but would redo the same work.
+  Process 0 prepares. With a URL data root (shared storage) the others wait
+  for its commit marker (info.json, uploaded last) and read it; a dataset
+  already committed there (e.g. by the Beam job) is read at once. With a
+  local data root they wait at a barrier, then find the shared cache (a
+  shared filesystem) or prepare their own copy (local disks). Concurrent
+  preparers would be safe (a dataset is committed by its info.json) but
+  would redo the same work.
   """
   if jax.process_count() == 1:
     return pipeline.prepare_dataset(config)
+  if storage.is_remote(pipeline.data_root(config)):
+    return pipeline.prepare_dataset(config, wait=jax.process_index() != 0)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   path = pipeline.prepare_dataset(config) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("csctr:prepare_dataset")
@@ -124,9 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns the final eval record (rundir.eval_record: step, split and
   metrics.EVAL_FIELDS).
   """
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mesh = mesh_lib.make_mesh(config)
   data_sharding = NamedSharding(mesh, P("data"))
+  shards = mesh_lib.data_shards(data_sharding)
   data_path = prepare_data(config)
   info = pipeline.load_info(data_path)
   config = autobatch.resolve(config, info, mesh.shape["data"])
@@ -142,9 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info("model: %d parameters", num_params)
   mesh_lib.log_shardings(abstract["params"], shardings["params"])
 
-  train_iter = pipeline.train_iterator(
-      config, data_path, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  train_iter = pipeline.train_iterator(config, data_path, shards)
   ckpt = checkpointing.Checkpointer(rundir.checkpoint_dir(workdir),
                                     keep=config.keep_checkpoints)
   start_step = ckpt.latest_step() or 0
@@ -180,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     for step in range(start_step + 1, total + 1):
       local = next(train_iter)
-      state, step_metrics = train_step(state, mesh_lib.global_batch(local, data_sharding))
+      state, step_metrics = train_step(
+          state, mesh_lib.global_batch(local, data_sharding, shards))
       progress.pending.append((step, step_metrics))
       last = step == total
       if (config.log_every and step % config.log_every == 0) or last:

@@ -1,8 +1,8 @@
 """The device mesh and where every array lives on it.
 
 A ('data', 'model') mesh; SHARDING_RULES map each train-state leaf (params
-and optimizer slots) to a PartitionSpec; global_batch assembles a batch whose
-rows are split over 'data' from every process's local part.
+and optimizer slots) to a PartitionSpec; data_shards says which blocks of a
+global batch this process's devices hold, and global_batch places them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from csctr.data import batch as batch_lib
 from csctr.training import optim
 
 State = dict[str, Any]
@@ -37,8 +38,15 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   # A mesh on fewer devices than present (e.g. (1, 1) as a reference run)
   # takes the first ones. Auto axes: XLA propagates shardings through the
   # model code, which needs no annotations of its own.
-  return jax.make_mesh(tuple(shape), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  axis_types = (jax.sharding.AxisType.Auto,) * 2
+  if config.mesh.model_across_processes:
+    # Consecutive devices (one process's) go along 'data', so each 'model'
+    # group spans processes: the layout for ID tables larger than one host,
+    # where the hosts of a 'model' group feed identical data blocks.
+    grid = np.array(jax.devices()[:used], dtype=object).reshape(
+        shape[1], shape[0]).T
+    return jax.sharding.Mesh(grid, ("data", "model"), axis_types=axis_types)
+  return jax.make_mesh(tuple(shape), ("data", "model"), axis_types=axis_types,
                        devices=jax.devices()[:used] if used < n else None)
 
 
@@ -179,18 +187,45 @@ def check_batch_divides(config: ml_collections.ConfigDict,
                        "of mesh axis 'data'")
 
 
-def global_batch(local: dict[str, np.ndarray],
-                 sharding: NamedSharding) -> dict[str, jax.Array]:
-  """One global batch from every process's local part (rows on 'data').
+def _blocks(sharding: NamedSharding) -> int:
+  """How many row blocks dim 0 of `sharding` splits into."""
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([sharding.mesh.shape[a] for a in axes]))
 
-  Image-row indices are local to a process's image table; the global table
-  stacks the processes' tables in process order, so they are offset here.
+
+def data_shards(sharding: NamedSharding) -> batch_lib.Shards:
+  """The blocks of a global batch that this process's devices hold.
+
+  Read off the sharding itself (block j of D goes to the devices whose
+  index along dim 0 is j), so it is right for any device order and when
+  'model' spans processes: each replica's process builds the same blocks.
   """
-  if jax.process_count() > 1:
-    offset = jax.process_index() * local["images"].shape[0]
-    local = dict(local)
-    for key in ("ad_image", "behavior_images"):
-      if key in local:
-        local[key] = local[key] + np.int32(offset)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local.items()}
+  count = _blocks(sharding)
+  index = sharding.addressable_devices_indices_map((count,))
+  return batch_lib.Shards(count, tuple(sorted(
+      {s[0].start or 0 for s in index.values()})))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
+                 shards: batch_lib.Shards | None = None
+                 ) -> dict[str, jax.Array]:
+  """One global batch from this process's blocks of it (rows on 'data').
+
+  `local` holds this process's `shards` (default: data_shards(sharding)),
+  concatenated; each addressable device gets its block's rows.
+  """
+  shards = shards or data_shards(sharding)
+  out = {}
+  for key, value in local.items():
+    per = value.shape[0] // len(shards.local)
+    shape = (per * shards.count, *value.shape[1:])
+    devices, parts = [], []
+    for device, index in sharding.addressable_devices_indices_map(
+        shape).items():
+      p = shards.local.index((index[0].start or 0) // per)
+      devices.append(device)
+      parts.append(value[p * per:(p + 1) * per])
+    out[key] = jax.make_array_from_single_device_arrays(
+        shape, sharding, jax.device_put(parts, devices))
+  return out
