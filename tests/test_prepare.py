@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from csctr.data import batch as batch_lib
+from csctr.data import packing
 from csctr.data import pipeline
 from csctr.data import prepared
 from csctr.data import prepare
@@ -25,7 +26,7 @@ def test_pack_chunk_loses_and_duplicates_nothing():
            "impression_id": np.arange(n, dtype=np.int32),
            "is_cold": np.zeros(n, bool),
            "sparse": rng.integers(0, 5, (n, 3)).astype(np.int32)}
-  groups = list(prepare.pack_chunk(chunk, k))
+  groups = list(packing.pack_chunk(chunk, k))
   ids = np.concatenate([g["impression_id"] for g in groups])
   np.testing.assert_array_equal(np.sort(ids), np.arange(n))
   _, counts = np.unique(chunk["item"], return_counts=True)
@@ -42,13 +43,13 @@ def test_pack_chunk_loses_and_duplicates_nothing():
 @pytest.mark.parametrize("max_pending", [0, 40, 10**6])
 def test_packer_carries_partial_groups_across_chunks(max_pending):
   rng = np.random.default_rng(1)
-  packer, groups, k, n = prepare.Packer(4, max_pending), [], 4, 0
+  packer, groups, k, n = packing.Packer(4, max_pending), [], 4, 0
   per_chunk_groups = 0
   for _ in range(8):  # ~1.5 impressions per item per chunk
     chunk = {"item": rng.integers(0, 200, 300).astype(np.int32),
              "impression_id": np.arange(n, n + 300, dtype=np.int32)}
     n += 300
-    per_chunk_groups += len(list(prepare.pack_chunk(chunk, k)))
+    per_chunk_groups += len(list(packing.pack_chunk(chunk, k)))
     groups += list(packer.add(chunk))
     pending = packer._pending  # pylint: disable=protected-access
     assert len(pending["item"]) <= max_pending  # memory stays bounded

@@ -17,7 +17,7 @@ finds it and needs no change. It is the same computation, distributed:
     pass 2  byod_log.emit per block -> impressions keyed by (split, shard),
             shard = hash of the ad item, so each image's impressions meet
             in one GroupByKey -> sort by (item, impression id) ->
-            prepare.cut_groups (the in-process Packer's cutting function)
+            packing.cut_groups (the in-process Packer's cutting function)
             -> one ArrayRecord shard per (split, shard)
   launcher  info.json, TFDS metadata, vocab/ files; commits the directory.
 
@@ -48,6 +48,7 @@ from csctr.data import byod_items
 from csctr.data import byod_log
 from csctr.data import image_io
 from csctr.data import image_store
+from csctr.data import packing
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
 from csctr.data import registry
@@ -225,7 +226,7 @@ def _write_groups(element, job: Job) -> Iterator[dict[str, Any]]:
   cols = {k: v[order] for k, v in cols.items()}
   counts = prepare_lib.write_groups(
       _part_path(job.tmp, split, shard),
-      prepare_lib.cut_groups(cols, job.group_size), job.group_features())
+      packing.cut_groups(cols, job.group_size), job.group_features())
   yield {"split": split, "shard": shard, **counts}
 
 

@@ -70,7 +70,7 @@ class ImageEncoder(nnx.Module):
         small_channels=tuple(config.small_channels), fc_dim=config.fc_dim,
         resnet_width=config.resnet_width,
         # .get: configs of runs from before fc_dropout existed.
-        fc_dropout=config.get("fc_dropout", 0.5), dtype=dtype, rngs=rngs)
+        fc_dropout=config.fc_dropout, dtype=dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array, categories: jax.Array,
                dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -161,7 +161,7 @@ class CTRModel(nnx.Module):
     # plus a learned projection of its image embedding, so its item_id slot
     # says something about this item rather than about all rare items.
     backoff = None
-    if config.get("item_backoff", False):
+    if config.item_backoff:
       if not self.use_image:
         raise ValueError("item_backoff needs use_image=True")
       self.item_col = info.feature_index("item_id")

@@ -39,7 +39,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   # takes the first ones. Auto axes: XLA propagates shardings through the
   # model code, which needs no annotations of its own.
   axis_types = (jax.sharding.AxisType.Auto,) * 2
-  if config.mesh.get("model_across_processes", False):
+  if config.mesh.model_across_processes:
     # Consecutive devices (one process's) go along 'data', so each 'model'
     # group spans processes: the layout for ID tables larger than one host,
     # where the hosts of a 'model' group feed identical data blocks.
