@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.batching = "fixed"
   config.data.target_packing = 0.8  # auto: least real / padded slots
   config.data.max_group_size = 25  # auto: largest K considered
+  # Processes other than 0 wait this long for process 0 (or a Beam job) to
+  # commit the prepared dataset to shared storage.
+  config.data.prepare_timeout_s = 24 * 3600
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_impressions = 200_000

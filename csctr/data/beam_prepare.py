@@ -66,6 +66,12 @@ class Job:
     self.name = config.dataset
     self.size = int(config.data.image_size)
     self.num_behaviors = int(config.data.num_behaviors)
+    if config.data.batching != "fixed" or config.data.validation_fraction:
+      raise ValueError(
+          "the Beam prepare supports data.batching='fixed' and "
+          "data.validation_fraction=0 only (got "
+          f"{config.data.batching!r}, {config.data.validation_fraction}); "
+          "use --runner=inprocess for auto batching or a validation split")
     self.group_size = int(config.data.group_size)
     self.storage = config.data.image_storage
     self.resize = config.byod.resize
@@ -339,7 +345,8 @@ def _finish(job: Job, summary: dict[str, Any], path: str,
   info = batch_lib.DataInfo(
       image_size=job.size, bayes_auc=None, **fields, extras={
           "dataset": job.name, "group_size": job.group_size,
-          "bayes_auc_cold": None, "source_stats": stats, "config": key,
+          # As the in-process prepare without auto batching or validation.
+          "train_items_impressions": None, "bayes_auc_cold": None, "source_stats": stats, "config": key,
           "prepared_by": "beam", "num_items": n,
           "items_without_image": int(n - images["good"].sum()),
           "image_storage": job.storage, "image_shards": job.image_shards,

@@ -67,11 +67,6 @@ load_info = prepared.load_info
 # ---------------------------------------------------------------- prepare
 
 
-# How long processes other than 0 wait for process 0 to prepare a dataset
-# into shared storage (config.data.prepare_timeout_s overrides).
-PREPARE_TIMEOUT_S = 24 * 3600
-
-
 def data_root(config: ml_collections.ConfigDict) -> str:
   """config.data_dir, else $CSCTR_DATA_DIR, else ~/.cache/csctr (or a URL)."""
   return (config.data_dir or os.environ.get("CSCTR_DATA_DIR")
@@ -94,8 +89,7 @@ def prepare_dataset(config: ml_collections.ConfigDict,
     return path
   if wait:
     logging.info("waiting for %s to be prepared", path)
-    storage.wait_for(path, prepared.COMMIT_FILE, config.data.get(
-        "prepare_timeout_s", PREPARE_TIMEOUT_S))
+    storage.wait_for(path, prepared.COMMIT_FILE, config.data.prepare_timeout_s)
     return path
   logging.info("preparing %s dataset into %s", config.dataset, path)
   local = prepared.mirror_path(path)
