@@ -207,6 +207,10 @@ def write_table(out_dir: str, model: ctr.CTRModel, source: ImageSource,
   copied, plus the images of `source` whose ids the base lacks, embedded:
   a daily catalogue update costs its new items only.
 
+  Long because one try block must cover every file of the table: on any
+  error the temporary directory goes, so no reader ever sees half a table;
+  the row copying, encoding and id mapping are helpers already.
+
   Returns:
     The meta.json dict (`meta` plus what the export measured).
   """

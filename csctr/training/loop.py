@@ -126,6 +126,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains config's model, evaluating and checkpointing; resumes from workdir.
 
+  Long because the order of its steps is the exact-resume contract and is
+  read best in one place: restore or init, then per step log -> eval ->
+  best checkpoint -> train checkpoint (each after a flush that checks every
+  pending loss), and the final eval of a complete run. Its setup is a
+  candidate for a helper once the loop stops changing.
+
   Returns the final eval record (rundir.eval_record: step, split and
   metrics.EVAL_FIELDS).
   """
