@@ -124,6 +124,9 @@ class GroupSource:
   """
 
   def __init__(self, path: str, split: str):
+    # ArrayRecord opens local files only (given a gs:// path it tries real
+    # GCS): a dataset in an object store is read from this machine's mirror.
+    path = prepared.local_copy(path)
     info = prepared.load_info(path)
     self._spec = prepared.group_spec(
         len(info.sparse_features), info.num_dense, info.num_behaviors)
