@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
@@ -125,18 +124,27 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
                      {**info.to_json(), "data_path": data_path})
   # The vocabularies travel with the run: serving maps raw ids with them
   # even after the dataset cache is cleared or on another machine.
-  source = os.path.join(data_path, vocab_lib.VOCAB_DIR)
-  if os.path.isdir(source):
-    target = os.path.join(workdir, vocab_lib.VOCAB_DIR)
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(source):
-      shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+  # Both may be URLs: every file goes through storage.
+  source = storage.as_path(storage.join(data_path, vocab_lib.VOCAB_DIR))
+  if source.is_dir():
+    for f in sorted(source.iterdir()):
+      storage.write_bytes(
+          storage.join(workdir, vocab_lib.VOCAB_DIR, f.name), f.read_bytes())
 
 
 def load_vocabularies(workdir: str) -> dict[str, vocab_lib.Vocabulary]:
   """The raw-id vocabularies of the run's dataset ({} when it has none:
   simulated datasets, whose ids are rows)."""
-  return vocab_lib.load_vocabularies(workdir)
+  if not storage.is_remote(workdir):
+    return vocab_lib.load_vocabularies(workdir)
+  folder = storage.as_path(storage.join(workdir, vocab_lib.VOCAB_DIR))
+  if not folder.is_dir():
+    return {}
+  local = storage.mirror_path(storage.join(workdir, vocab_lib.VOCAB_DIR))
+  for f in folder.iterdir():  # small files: read through a local copy
+    storage.write_bytes(os.path.join(local, vocab_lib.VOCAB_DIR, f.name),
+                        f.read_bytes())
+  return vocab_lib.load_vocabularies(local)
 
 
 def load_run_files(workdir: str) -> tuple[ml_collections.ConfigDict,

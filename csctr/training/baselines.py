@@ -23,13 +23,12 @@ Everything is numpy on the host and deterministic (no random init).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
 
 from csctr import metrics as metrics_lib
+from csctr import storage
 from csctr.data import pipeline
 
 BASELINES_FILE = "baselines.json"
@@ -174,12 +173,9 @@ def evaluate(path: str, splits: tuple[str, ...],
 def write(workdir: str, path: str, splits: tuple[str, ...],
           bayes: dict[str, float | None] | None = None) -> dict[str, Any]:
   """Computes WORKDIR/baselines.json once (a resumed run reuses it)."""
-  out = os.path.join(workdir, BASELINES_FILE)
-  if os.path.exists(out):
-    with open(out) as f:
-      return json.load(f)
+  out = storage.join(workdir, BASELINES_FILE)  # a local path or a URL
+  if storage.exists(out):
+    return storage.read_json(out)
   result = evaluate(path, splits, bayes)
-  with open(out + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(out + ".tmp", out)
+  storage.write_json(out, result)  # whole or not at all
   return result
