@@ -69,7 +69,14 @@ def configure() -> None:
     return
   gcs = fsspec.config.conf.setdefault("gcs", {})
   gcs.setdefault("token", "anon")
-  gcs["endpoint_url"] = host  # part of gcsfs's instance-cache key
+  if gcs.get("endpoint_url") != host:
+    gcs["endpoint_url"] = host
+    # etils.epath keeps one fsspec filesystem per protocol (an lru_cache),
+    # which would go on talking to the previous endpoint.
+    from etils.epath import backend  # pylint: disable=g-import-not-at-top
+    cached = getattr(backend._FileSystemSpecBackend, "_get_filesystem", None)  # pylint: disable=protected-access
+    if hasattr(cached, "cache_clear"):
+      cached.cache_clear()
 
 
 configure()
@@ -258,17 +265,28 @@ def local_mirror(url: str, commit_file: str, root: str | None = None) -> str:
   For readers that need local files (ArrayRecord, memmapped .npy). The copy
   is made once per machine: downloaded into a temporary sibling and renamed
   into place, so concurrent processes on one host share one complete copy.
-  The directory must be immutable once committed (prepared datasets and
-  tables are: their names change with their content).
+  A copy is reused while its commit file equals the remote one (one small
+  read): a directory committed again at the same URL (a table exported with
+  --overwrite) is downloaded again, never served stale.
   """
   if not is_remote(url):
     return url
   url = normalize(url)
   local = mirror_path(url, root)
-  if os.path.isfile(os.path.join(local, commit_file)):
-    return local
   if not is_committed(url, commit_file):
     raise FileNotFoundError(f"{url} is not committed (no {commit_file})")
+  marker = os.path.join(local, commit_file)
+  if os.path.isfile(marker):
+    with open(marker, "rb") as f:
+      if f.read() == read_bytes(join(url, commit_file)):
+        return local
+    stale = tempfile.mkdtemp(prefix=f".stale-{os.path.basename(local)}-",
+                             dir=os.path.dirname(local))
+    try:
+      os.rename(local, os.path.join(stale, "copy"))
+    except OSError:
+      pass  # another process on this host moved it first
+    shutil.rmtree(stale, ignore_errors=True)
   os.makedirs(os.path.dirname(local), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(local)}-",
                          dir=os.path.dirname(local))

@@ -64,9 +64,17 @@ def test_upload_then_mirror_reads_the_same_files(storage, tmp_path,
   np.testing.assert_array_equal(np.load(os.path.join(mirror, "images.npy"),
                                         mmap_mode="r"),
                                 np.load(local / "images.npy"))
-  # Made once per machine: a second call reads the mirror, not the bucket.
-  storage.remove(url)
+  # Made once per machine: while the commit file is unchanged, a second
+  # call reuses the mirror (a changed data file is not downloaded again)...
+  storage.write_bytes(storage.join(url, "groups", "shard"), b"changed")
   assert storage.local_mirror(url + "/", "info.json") == mirror
+  assert (pathlib.Path(mirror) / "groups" / "shard").read_bytes() == (
+      local / "groups" / "shard").read_bytes()
+  # ...and a directory committed again at the same URL is mirrored again.
+  storage.write_text(storage.join(url, "info.json"), '{"done": 2}')
+  assert storage.local_mirror(url, "info.json") == mirror
+  assert (pathlib.Path(mirror) / "groups" / "shard").read_bytes() == b"changed"
+  assert (pathlib.Path(mirror) / "info.json").read_text() == '{"done": 2}'
 
 
 def test_an_interrupted_upload_is_never_read(storage, tmp_path, monkeypatch):
