@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import gcs_emulator
+from csctr import storage
 from csctr.data import beam_prepare
 from csctr.data import byod
 from csctr.data import image_store
@@ -131,6 +133,31 @@ def test_beam_on_parquet_equals_inprocess_on_csv(reference, tmp_path):
   # The in-process path reads the same Parquet file.
   config.data_dir = str(tmp_path / "inprocess")
   assert_same_dataset(reference, pipeline.prepare_dataset(config))
+
+
+@pytest.fixture
+def gcs(monkeypatch, tmp_path):
+  """csctr.storage pointed at a real GCS emulator on 127.0.0.1."""
+  with gcs_emulator.running() as url:
+    monkeypatch.setenv(storage.EMULATOR_ENV, url)
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "mirror"))
+    storage.configure()
+    yield f"gs://{gcs_emulator.BUCKET}"
+
+
+def test_beam_writes_a_committed_dataset_to_gs_that_training_reads(
+    reference, gcs, tmp_path):
+  root = test_byod.make_dataset(tmp_path / "csv")
+  config = config_for(root, gcs + "/data")
+  path = beam_prepare.prepare(config, BEAM)
+  assert path.startswith(gcs + "/data/") and prepared.is_prepared(path)
+  # Only the committed dataset is left: no staging prefix, no local copy.
+  assert storage.listdir(gcs + "/data") == [path.rsplit("/", 1)[1]]
+  assert not os.path.exists(prepared.mirror_path(path))
+  assert len(storage.listdir(path + "/groups")) > 3  # TFDS metadata + shards
+  # Training's lookup finds it (same cache key), and reads the same data.
+  assert pipeline.prepare_dataset(config, wait=True) == path
+  assert_same_dataset(reference, prepared.local_copy(path))
 
 
 def test_inprocess_reads_a_folder_of_parquet_files(reference, tmp_path):

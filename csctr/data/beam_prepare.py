@@ -21,6 +21,14 @@ finds it and needs no change. It is the same computation, distributed:
             -> one ArrayRecord shard per (split, shard)
   launcher  info.json, TFDS metadata, vocab/ files; commits the directory.
 
+Output in an object store (config.data_dir = gs://...). Workers write their
+shards to a staging URL beside the dataset (<path>.staging-<id>: each file
+is written locally, then uploaded whole); the launcher copies them to their
+TFDS names under <path> (server-side copies), uploads info.json, metadata
+and vocab/, and the COMMITTED marker last, then deletes the staging URL.
+Readers see nothing at <path> until COMMITTED exists (prepared.is_prepared),
+so a run that dies half-way leaves only the staging prefix behind.
+
 Scale. Workers hold one block (a Parquet row group) or one shard's
 impressions at a time; with S shards per split, a shard holds about
 impressions / (2 S) rows, so choose S (config.beam.num_shards) for ~10^6
@@ -32,16 +40,20 @@ it); many files or Parquet row groups read in parallel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
+import tempfile
 import time
 from typing import Any, Iterator
+import uuid
 
 from absl import logging
 import apache_beam as beam
 import numpy as np
 
+from csctr import storage
 from csctr.data import batch as batch_lib
 from csctr.data import byod
 from csctr.data import byod_items
@@ -60,9 +72,10 @@ SUMMARY_FILE = "beam_summary.pkl"
 class Job:
   """What every worker needs, built once by the launcher and pickled."""
 
-  def __init__(self, config: Any, tmp: str):
+  def __init__(self, config: Any, tmp: str, out: str | None = None):
     self.root, self.items, self.reader = byod.open_dataset(config)
-    self.tmp = tmp
+    self.tmp = tmp  # the launcher's local directory
+    self.out = out or tmp  # where workers write shards: tmp or a URL
     self.name = config.dataset
     self.size = int(config.data.image_size)
     self.num_behaviors = int(config.data.num_behaviors)
@@ -93,6 +106,26 @@ class Job:
     return self.features
 
 
+@contextlib.contextmanager
+def _output(job: Job, rel: str) -> Iterator[str]:
+  """A local file path to write job.out/rel through (uploaded when remote).
+
+  ArrayRecord writes local files only: in an object store the file is
+  written to a worker-local temporary directory and uploaded whole.
+  """
+  if not storage.is_remote(job.out):
+    full = os.path.join(job.out, rel)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    yield full
+    return
+  with tempfile.TemporaryDirectory(prefix="csctr-beam-") as d:
+    local = os.path.join(d, os.path.basename(rel))
+    yield local
+    with open(local, "rb") as fin, storage.as_path(
+        storage.join(job.out, rel)).open("wb") as fout:
+      shutil.copyfileobj(fin, fout, 1 << 22)
+
+
 def _images(shard: int, job: Job) -> Iterator[dict[str, Any]]:
   """Decodes and stores one image shard; yields its usable rows, counts."""
   rows = image_store.shard_rows(len(job.items.ids), job.image_shards, shard)
@@ -115,8 +148,8 @@ def _images(shard: int, job: Job) -> Iterator[dict[str, Any]]:
         payloads[r] = f.read()
     else:
       payloads[r] = image_store.encode(out, job.storage)
-  path = image_store.store_paths(job.tmp, job.image_shards)[shard]
-  nbytes = image_store.write_shard(path, rows, payloads)
+  with _output(job, _store_rel(job, shard)) as path:
+    nbytes = image_store.write_shard(path, rows, payloads)
   yield {"good": np.asarray(good, np.int64), "skipped_images_missing": missing,
          "skipped_images_corrupt": corrupt, "image_bytes": nbytes}
 
@@ -230,14 +263,14 @@ def _write_groups(element, job: Job) -> Iterator[dict[str, Any]]:
   cols.pop("dense", None)
   order = np.lexsort((cols["impression_id"], cols["item"]))
   cols = {k: v[order] for k, v in cols.items()}
-  counts = prepare_lib.write_groups(
-      _part_path(job.tmp, split, shard),
-      packing.cut_groups(cols, job.group_size), job.group_features())
+  with _output(job, _part_rel(split, shard)) as path:
+    counts = prepare_lib.write_groups(
+        path, packing.cut_groups(cols, job.group_size), job.group_features())
   yield {"split": split, "shard": shard, **counts}
 
 
 def build(p: beam.Pipeline, job: Job) -> None:
-  """Adds the prepare pipeline to `p`; outputs land in job.tmp."""
+  """Adds the prepare pipeline to `p`; outputs land in job.out."""
   num_items = len(job.items.ids)
   images = (p | "ImageShards" >> beam.Create(range(job.image_shards))
             | "Images" >> beam.FlatMap(_images, job)
@@ -279,8 +312,8 @@ def build(p: beam.Pipeline, job: Job) -> None:
 
 def _write_summary(plan, job: Job, written, images) -> None:
   """What the launcher needs to finish the directory, as one small file."""
-  with open(os.path.join(job.tmp, SUMMARY_FILE), "wb") as f:
-    pickle.dump({"plan": plan, "written": written, "images": images}, f)
+  storage.write_bytes(storage.join(job.out, SUMMARY_FILE), pickle.dumps(
+      {"plan": plan, "written": written, "images": images}))
 
 
 def prepare(config: Any, beam_args: list[str]) -> str:
@@ -289,10 +322,11 @@ def prepare(config: Any, beam_args: list[str]) -> str:
   Args:
     config: the experiment config (dataset byod or amazon); optional
       config.beam.num_shards (group shards per split) and image_shards.
+      config.data_dir may be a URL (gs://...): see the module docstring.
     beam_args: Beam pipeline options, e.g. ['--runner=DirectRunner'].
 
   Returns:
-    The prepared dataset's directory: the cache path training reads.
+    The prepared dataset's directory or URL: the cache path training reads.
   """
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
   from csctr.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -304,21 +338,38 @@ def prepare(config: Any, beam_args: list[str]) -> str:
   if prepared.is_prepared(path):
     return path
   start = time.time()
-  tmp = prepared.make_tmp(path)
+  # The launcher's small files; the workers' shards go to `out`.
+  tmp = prepared.make_tmp(prepared.mirror_path(path))
+  out = (f"{path}.staging-{uuid.uuid4().hex[:12]}"
+         if storage.is_remote(path) else tmp)
   try:
-    job = Job(config, tmp)
+    job = Job(config, tmp, out)
     os.makedirs(os.path.join(tmp, prepared.GROUPS_DIR))
     options = pipeline_options.PipelineOptions(beam_args)
     with beam.Pipeline(options=options) as p:
       build(p, job)
-    with open(os.path.join(tmp, SUMMARY_FILE), "rb") as f:
-      summary = pickle.load(f)
-    os.remove(os.path.join(tmp, SUMMARY_FILE))
+    summary = pickle.loads(storage.read_bytes(storage.join(out,
+                                                           SUMMARY_FILE)))
+    storage.remove(storage.join(out, SUMMARY_FILE))
     _finish(job, summary, path, key, start)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    if out != tmp:
+      storage.remove(out)
   return path
+
+
+def _move(job: Job, path: str, rel: str, new_rel: str) -> None:
+  """Moves a worker's file to its final name: a rename in job.tmp, or a
+  server-side copy from the staging URL to the dataset's (then committed
+  by prepare.finish; the staging URL is deleted as a whole)."""
+  if storage.is_remote(job.out):
+    storage.as_path(storage.join(job.out, rel)).copy(
+        storage.as_path(storage.join(path, new_rel)))
+  else:
+    os.rename(os.path.join(job.tmp, rel), os.path.join(job.tmp, new_rel))
 
 
 def _finish(job: Job, summary: dict[str, Any], path: str,
@@ -330,9 +381,11 @@ def _finish(job: Job, summary: dict[str, Any], path: str,
     parts = sorted((w for w in summary["written"] if w["split"] == split),
                    key=lambda w: w["shard"])
     for i, w in enumerate(parts):
-      os.rename(_part_path(job.tmp, split, w["shard"]),
-                prepared.shard_name(job.tmp, split, i, len(parts)))
+      _move(job, path, _part_rel(split, w["shard"]),
+            prepared.shard_name("", split, i, len(parts)))
     splits[split] = prepare_lib.split_counts(parts, job.group_size)
+  for shard in range(job.image_shards if storage.is_remote(job.out) else 0):
+    _move(job, path, _store_rel(job, shard), _store_rel(job, shard))
   fields = byod.source_fields(job.reader, plan, job.num_behaviors)
   np.save(os.path.join(job.tmp, prepared.CATEGORY_FILE),
           fields.pop("item_category"))
@@ -346,7 +399,8 @@ def _finish(job: Job, summary: dict[str, Any], path: str,
       image_size=job.size, bayes_auc=None, **fields, extras={
           "dataset": job.name, "group_size": job.group_size,
           # As the in-process prepare without auto batching or validation.
-          "train_items_impressions": None, "bayes_auc_cold": None, "source_stats": stats, "config": key,
+          "train_items_impressions": None, "bayes_auc_cold": None,
+          "source_stats": stats, "config": key,
           "prepared_by": "beam", "num_items": n,
           "items_without_image": int(n - images["good"].sum()),
           "image_storage": job.storage, "image_shards": job.image_shards,
@@ -357,6 +411,9 @@ def _finish(job: Job, summary: dict[str, Any], path: str,
                splits)
 
 
-def _part_path(tmp: str, split: str, shard: int) -> str:
-  return os.path.join(tmp, prepared.GROUPS_DIR,
-                      f"{PART_PREFIX}{split}-{shard:05d}")
+def _part_rel(split: str, shard: int) -> str:
+  return os.path.join(prepared.GROUPS_DIR, f"{PART_PREFIX}{split}-{shard:05d}")
+
+
+def _store_rel(job: Job, shard: int) -> str:
+  return image_store.store_paths("", job.image_shards)[shard]

@@ -63,6 +63,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from csctr import metrics
+from csctr import storage
 from csctr.data import autobatch
 from csctr.data import batch as batch_lib
 from csctr.data import image_store
@@ -344,12 +345,21 @@ def finish(tmp: str, path: str, info: batch_lib.DataInfo,
   Shared by both prepare paths: `splits` holds each split's split_counts
   (with shard_lengths) over shards already written as prepared.shard_name.
   """
+  # TFDS looks for the shard files by name; the Beam path's remote shards
+  # are already at `path`, so empty stand-ins are named here meanwhile.
+  stand_ins = [] if not storage.is_remote(path) else [
+      prepared.shard_name(tmp, s, i, len(c.shard_lengths))
+      for s, c in splits.items() for i in range(len(c.shard_lengths))]
+  for f in stand_ins:
+    open(f, "wb").close()
   tfds.folder_dataset.write_metadata(
       data_dir=os.path.join(tmp, prepared.GROUPS_DIR), features=features,
       check_data=False, split_infos=[tfds.core.SplitInfo(
           name=s, shard_lengths=list(c.shard_lengths), num_bytes=0)
                                      for s, c in splits.items()],
       description="csctr image groups (see csctr/data/prepare.py)")
+  for f in stand_ins:
+    os.remove(f)
   if vocabularies:
     vocab.save_vocabularies(tmp, vocabularies)
   extras = {**info.extras, "format_version": prepared.FORMAT_VERSION,
@@ -358,4 +368,12 @@ def finish(tmp: str, path: str, info: batch_lib.DataInfo,
   info = dataclasses.replace(info, extras=extras, splits=splits)
   with open(os.path.join(tmp, prepared.INFO_FILE), "w") as f:
     json.dump(info.to_json(), f, indent=2, default=prepared.json_default)
-  prepared.commit(tmp, path)
+  if not storage.is_remote(path):
+    prepared.commit(tmp, path)
+    return
+  # The Beam path's shards are already at `path` (copied from staging):
+  # upload the rest, the commit marker last, and drop the local copy.
+  with open(os.path.join(tmp, prepared.COMMIT_FILE), "w") as f:
+    f.write("ok\n")
+  storage.upload_dir(tmp, path, prepared.COMMIT_FILE)
+  shutil.rmtree(tmp, ignore_errors=True)
