@@ -6,8 +6,10 @@ group records, the same vocabularies and the same images.
 """
 
 import json
+import csv
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +57,23 @@ def write_parquet(root: pathlib.Path, rows=test_byod.IMPRESSIONS,
     pq.write_table(table.slice(i * per, per),
                    root / "impressions" / f"part-{i}.parquet",
                    row_group_size=row_group)
+
+
+def write_items_parquet(root: pathlib.Path, corrupt: str = "") -> None:
+  """items.csv as items.parquet holding the image files' bytes (in two row
+  groups); the CSV and the image files are removed."""
+  with open(root / "items.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  blobs = [(root / r["image"]).read_bytes() for r in rows]
+  blobs = [b[:len(b) // 2] if r["item_id"] == corrupt else b
+           for r, b in zip(rows, blobs)]
+  pq.write_table(pa.table({
+      "item_id": [r["item_id"] for r in rows],
+      "category_id": [r["category_id"] for r in rows],
+      "image": pa.array(blobs, pa.binary())}), root / "items.parquet",
+                 row_group_size=4)
+  os.remove(root / "items.csv")
+  shutil.rmtree(root / "img")
 
 
 def config_for(root, data_dir, **byod_options):
@@ -133,6 +152,28 @@ def test_beam_on_parquet_equals_inprocess_on_csv(reference, tmp_path):
   # The in-process path reads the same Parquet file.
   config.data_dir = str(tmp_path / "inprocess")
   assert_same_dataset(reference, pipeline.prepare_dataset(config))
+
+
+@pytest.mark.parametrize("runner", ["inprocess", "beam"])
+def test_image_bytes_in_parquet_equal_the_same_images_as_files(
+    reference, tmp_path, runner):
+  root = test_byod.make_dataset(tmp_path / "pq")
+  write_items_parquet(root)
+  config = config_for(root, tmp_path / "out")
+  path = (beam_prepare.prepare(config, BEAM) if runner == "beam"
+          else pipeline.prepare_dataset(config))
+  assert_same_dataset(reference, path)
+
+
+def test_bad_image_bytes_name_the_parquet_row(tmp_path):
+  root = test_byod.make_dataset(tmp_path / "pq")
+  write_items_parquet(root, corrupt="c")  # truncated PNG on row 3
+  with pytest.raises(byod.DataError,
+                     match=r"items.parquet, row 3, field 'image'"):
+    byod.make_source(test_byod.make_config(root, skip_bad_images=False))
+  stats = byod.make_source(test_byod.make_config(root)).stats
+  assert (stats["skipped_images_corrupt"], stats["dropped_impressions"]) == (
+      1, 3)
 
 
 @pytest.fixture

@@ -129,25 +129,19 @@ def _output(job: Job, rel: str) -> Iterator[str]:
 def _images(shard: int, job: Job) -> Iterator[dict[str, Any]]:
   """Decodes and stores one image shard; yields its usable rows, counts."""
   rows = image_store.shard_rows(len(job.items.ids), job.image_shards, shard)
-  paths = [job.items.paths[r] for r in rows]
   payloads, good, missing, corrupt = {}, [], 0, 0
-  for r, out in zip(rows, image_io.decode_images(paths, job.size, job.resize,
-                                                 1)):
+  for r, out in zip(rows, byod_items.decode_items(job.items, rows, job.size,
+                                                  job.resize, 1)):
     if isinstance(out, image_io.BadImageError):
       if not job.skip_bad:
-        raise byod_items.DataError(
-            os.path.join(job.root, byod.ITEMS_FILE),
-            f"bad image {out.path}: {out.reason}", job.items.lines[r],
-            "image")
+        raise job.items.error(f"bad image {out.path}: {out.reason}", r,
+                              "image")
       missing += isinstance(out, image_io.MissingImageError)
       corrupt += not isinstance(out, image_io.MissingImageError)
       continue
     good.append(r)
-    if job.storage == "original":
-      with open(job.items.paths[r], "rb") as f:
-        payloads[r] = f.read()
-    else:
-      payloads[r] = image_store.encode(out, job.storage)
+    payloads[r] = (job.items.image_bytes(r) if job.storage == "original"
+                   else image_store.encode(out, job.storage))
   with _output(job, _store_rel(job, shard)) as path:
     nbytes = image_store.write_shard(path, rows, payloads)
   yield {"good": np.asarray(good, np.int64), "skipped_images_missing": missing,

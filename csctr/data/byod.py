@@ -3,7 +3,9 @@
 config.byod_path holds (user guide: docs/byod.md):
 
   items.csv        item_id, category_id, image (a path relative to the
-                   directory); further columns are ignored.
+                   directory); further columns are ignored. Or
+                   items.parquet, whose image column holds paths or the
+                   encoded image bytes (csctr.data.byod_items).
   impressions.csv  user_id, item_id, label (0/1); optional timestamp (number
                    or ISO date), split (train/test), behavior (space-separated
                    item ids, oldest first); every further column is a
@@ -74,6 +76,7 @@ from csctr.data import tables
 from csctr.data.byod_items import DataError  # Re-exported: byod.DataError.
 
 ITEMS_FILE = "items.csv"
+ITEMS_FILES = (ITEMS_FILE, "items.parquet")  # in order of preference
 # Where the impressions are, in order of preference when
 # config.byod.impressions is empty: one CSV, one Parquet file, a directory.
 IMPRESSIONS_FILES = ("impressions.csv", "impressions.parquet", "impressions")
@@ -93,6 +96,14 @@ def impressions_spec(root: str, config: Any) -> str:
   return os.path.join(root, found[0])
 
 
+def items_path(root: str) -> str:
+  """items.csv, else items.parquet (the first that exists)."""
+  for name in ITEMS_FILES:
+    if os.path.isfile(os.path.join(root, name)):
+      return os.path.join(root, name)
+  return os.path.join(root, ITEMS_FILE)  # load_items: "file not found"
+
+
 def open_dataset(config: Any) -> tuple[str, byod_items.Items,
                                        byod_log.Reader]:
   """Checks config.byod_path; reads items.csv and the impressions header."""
@@ -102,7 +113,7 @@ def open_dataset(config: Any) -> tuple[str, byod_items.Items,
   root = os.path.normpath(os.path.abspath(config.byod_path))
   if not os.path.isdir(root):
     raise DataError(root, "not a directory")
-  items = byod_items.load_items(root, os.path.join(root, ITEMS_FILE),
+  items = byod_items.load_items(root, items_path(root),
                                 config.byod.allow_external_links)
   table = tables.Table(impressions_spec(root, config), REQUIRED_COLUMNS)
   return root, items, byod_log.Reader(table, config.byod, items)
@@ -112,17 +123,17 @@ def file_stamps(config: Any) -> dict[str, Any]:
   """(size, mtime) of items.csv and the impression files, and a digest of
   every item image's: the cache key changes when any of them is edited."""
   root = os.path.normpath(os.path.abspath(config.byod_path))
-  items_path = os.path.join(root, ITEMS_FILE)
-  stamps = {ITEMS_FILE: _stamp(items_path)}
+  items_file = items_path(root)
+  stamps = {os.path.basename(items_file): _stamp(items_file)}
   try:
     files = tables.find_files(impressions_spec(root, config))
   except DataError:
     files = []  # make_source reports it
   stamps.update((os.path.relpath(f, root), _stamp(f)) for f in files)
   digest = hashlib.sha256()
-  if os.path.isfile(items_path):
+  if os.path.isfile(items_file):
     for p in byod_items.load_items(
-        root, items_path, config.byod.allow_external_links).paths:
+        root, items_file, config.byod.allow_external_links).paths:
       digest.update(f"{p}\0{_stamp(p)}\0".encode())
   stamps["images"] = digest.hexdigest()[:16]
   return stamps
@@ -169,7 +180,7 @@ def make_source(config: Any) -> source_lib.Source:
   root, items, reader = open_dataset(config)
   size, num_behaviors = config.data.image_size, config.data.num_behaviors
   images = byod_items.check_images(
-      items, os.path.join(root, ITEMS_FILE), size, config.byod.resize,
+      items, size, config.byod.resize,
       config.byod.skip_bad_images, config.byod.num_threads,
       config.byod.image_cache_mb * 2**20)
   hist = None

@@ -1,4 +1,10 @@
-"""BYOD building blocks: CSV reading with locations, items.csv, item images.
+"""BYOD building blocks: CSV reading with locations, the items, item images.
+
+The items are items.csv, or items.parquet whose `image` column holds either
+paths (strings, as in the CSV) or the encoded image bytes themselves
+(binary: JPEG/PNG/WebP...). Bytes are read one Parquet row group at a time
+(`ParquetImages`), never the whole column, and decode exactly as the same
+bytes in a file would (a test compares both).
 
 Split from `csctr.data.byod` (which holds the policy and the impressions) so each
 module stays small. Everything raises `DataError`, which says where: file,
@@ -7,10 +13,11 @@ module stays small. Everything raises `DataError`, which says where: file,
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -113,40 +120,156 @@ def resolve_image(root: str, rel: str, path: str, line: int,
   return full
 
 
+class ParquetImages:
+  """The binary `image` column of items.parquet, read a row group at a time.
+
+  Picklable without its cache, so Beam workers reopen the file.
+  """
+
+  def __init__(self, path: str, column: str = "image"):
+    f = _parquet_file(path)
+    self.path, self.column = path, column
+    sizes = [f.metadata.row_group(g).num_rows
+             for g in range(f.num_row_groups)]
+    self.starts = np.cumsum([0, *sizes]).tolist()
+    self._cache: tuple[int, list[Any]] | None = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_cache": None}
+
+  def get(self, row: int) -> bytes | None:
+    """The bytes of item row `row` (None for a null)."""
+    g = int(np.searchsorted(self.starts, row, side="right")) - 1
+    if self._cache is None or self._cache[0] != g:
+      table = _parquet_file(self.path).read_row_group(g, [self.column])
+      self._cache = (g, table.column(0).to_pylist())
+    return self._cache[1][row - self.starts[g]]
+
+
 @dataclasses.dataclass
 class Items:
-  """items.csv; index = item row (file order)."""
+  """The items; index = item row (file order).
+
+  paths: absolute image paths, or (image bytes in Parquet) 'FILE#row N'
+  names for messages, with the bytes in `images`.
+  """
   ids: list[str]
   rows: dict[str, int]  # item_id -> item row
   categories: list[str]  # raw category_id, '' = none
-  paths: list[str]  # absolute image paths
-  lines: list[int]
+  paths: list[str]
+  lines: list[int]  # 1-based CSV line, or Parquet data row
+  source: str = ""  # the items file
+  unit: str = "line"  # of `lines`: 'line' (CSV) or 'row' (Parquet)
+  images: ParquetImages | None = None
+
+  def error(self, message: str, r: int, field: str) -> DataError:
+    return DataError(self.source, message, self.lines[r], field, self.unit)
+
+  def image_bytes(self, r: int) -> bytes:
+    """The encoded image of item row r, as stored ('original' storage)."""
+    if self.images is not None:
+      return self.images.get(r) or b""
+    with open(self.paths[r], "rb") as f:
+      return f.read()
 
 
 def load_items(root: str, path: str,
                allow_external_links: bool = False) -> Items:
-  """Reads and validates items.csv (it is small enough to hold: one row per
-  image, and the image table is the same size anyway)."""
-  header = read_header(path, ITEM_COLUMNS)
-  c_id, c_cat, c_img = (header.index(c) for c in ITEM_COLUMNS)
-  items = Items([], {}, [], [], [])
-  for lines, rows in csv_chunks(path, header, 65536):
-    for line, row in zip(lines, rows):
-      item = row[c_id]
+  """Reads and validates items.csv or items.parquet (small enough to hold:
+  one row per image; image bytes stay in the file, see ParquetImages)."""
+  if path.endswith(".parquet"):
+    items, chunks = _parquet_items(path)
+  else:
+    header = read_header(path, ITEM_COLUMNS)
+    cols = [header.index(c) for c in ITEM_COLUMNS]
+    items = Items([], {}, [], [], [], path)
+    chunks = ((lines, [[row[c] for c in cols] for row in rows])
+              for lines, rows in csv_chunks(path, header, 65536))
+  for lines, rows in chunks:
+    for line, (item, category, image) in zip(lines, rows):
       if not item:
-        raise DataError(path, "empty item_id", line, "item_id")
+        raise DataError(path, "empty item_id", line, "item_id", items.unit)
       if item in items.rows:
-        raise DataError(path, f"duplicate item {item!r} (first on line "
-                        f"{items.lines[items.rows[item]]})", line, "item_id")
+        raise DataError(path, f"duplicate item {item!r} (first on "
+                        f"{items.unit} {items.lines[items.rows[item]]})",
+                        line, "item_id", items.unit)
       items.rows[item] = len(items.ids)
       items.ids.append(item)
-      items.categories.append(row[c_cat])
-      items.paths.append(resolve_image(root, row[c_img], path, line,
-                                       allow_external_links))
+      items.categories.append(category)
+      items.paths.append(
+          f"{path}#row {line}" if items.images is not None else
+          resolve_image(root, image, path, line, allow_external_links))
       items.lines.append(line)
   if not items.ids:
     raise DataError(path, "no items")
   return items
+
+
+def _parquet_file(path: str):
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    return pq.ParquetFile(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(path, f"unreadable Parquet file: {e}") from e
+
+
+def _parquet_items(path: str) -> tuple[Items, Iterator[tuple[list[int],
+                                                            list[Any]]]]:
+  """items.parquet: the Items to fill, and its (rows, [id, category,
+  image path]) chunks; a binary `image` column stays in the file."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  from csctr.data import tables  # pylint: disable=g-import-not-at-top
+  f = _parquet_file(path)
+  names = f.schema_arrow.names
+  for name in ITEM_COLUMNS:
+    if name not in names:
+      raise DataError(path, f"missing required column (columns: {names})",
+                      field=name)
+  kind = f.schema_arrow.field("image").type
+  binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+  items = Items([], {}, [], [], [], path, "row",
+                ParquetImages(path) if binary else None)
+  columns = list(ITEM_COLUMNS[:2] if binary else ITEM_COLUMNS)
+
+  def chunks():
+    first = 1
+    for batch in f.iter_batches(65536, columns=columns, use_threads=False):
+      cols = [tables.column_strings(batch.column(i), path, name)
+              for i, name in enumerate(columns)]
+      if binary:
+        cols.append([""] * batch.num_rows)
+      yield list(range(first, first + batch.num_rows)), list(zip(*cols))
+      first += batch.num_rows
+
+  return items, chunks()
+
+
+def _decode_blob(data: bytes | None, name: str, size: int, resize: str
+                 ) -> np.ndarray | image_io.BadImageError:
+  if not data:
+    return image_io.MissingImageError(name, "null or empty image bytes")
+  try:
+    return image_io.decode_image_bytes(data, size, resize, name)
+  except image_io.BadImageError as e:
+    return e
+
+
+def decode_items(items: Items, rows: Sequence[int], size: int, resize: str,
+                 num_threads: int = 0
+                 ) -> Iterator[np.ndarray | image_io.BadImageError]:
+  """Decodes the images of item rows in order (files or Parquet bytes);
+  yields each image or its BadImageError, as image_io.decode_images."""
+  if items.images is None:
+    yield from image_io.decode_images([items.paths[r] for r in rows], size,
+                                      resize, num_threads)
+    return
+  threads = num_threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    for start in range(0, len(rows), 256):  # bounded: 256 blobs at a time
+      part = rows[start:start + 256]
+      blobs = [items.images.get(r) for r in part]
+      yield from pool.map(_decode_blob, blobs, [items.paths[r] for r in part],
+                          [size] * len(part), [resize] * len(part))
 
 
 @dataclasses.dataclass
@@ -157,7 +280,7 @@ class ItemImages:
   iterate: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
-def check_images(items: Items, items_path: str, size: int, resize: str,
+def check_images(items: Items, size: int, resize: str,
                  skip_bad: bool, num_threads: int,
                  cache_bytes: int) -> ItemImages:
   """Decodes every image (a truncated JPEG only fails on a full decode).
@@ -171,15 +294,14 @@ def check_images(items: Items, items_path: str, size: int, resize: str,
            if n * size * size * 3 <= cache_bytes else None)
   good = np.zeros(n, bool)
   missing = corrupt = 0
-  for r, out in enumerate(image_io.decode_images(items.paths, size, resize,
-                                                 num_threads)):
+  for r, out in enumerate(decode_items(items, range(n), size, resize,
+                                       num_threads)):
     if isinstance(out, image_io.BadImageError):
       if not skip_bad:
-        raise DataError(items_path, f"bad image {out.path}: {out.reason}",
-                        items.lines[r], "image")
+        raise items.error(f"bad image {out.path}: {out.reason}", r, "image")
       if missing + corrupt < _LOGGED_SKIPS:
-        logging.warning("byod: skipping item %r (line %d): %s", items.ids[r],
-                        items.lines[r], out)
+        logging.warning("byod: skipping item %r (%s %d): %s", items.ids[r],
+                        items.unit, items.lines[r], out)
       missing += isinstance(out, image_io.MissingImageError)
       corrupt += not isinstance(out, image_io.MissingImageError)
     else:
@@ -198,12 +320,11 @@ def check_images(items: Items, items_path: str, size: int, resize: str,
         yield part, cache[part]
         continue
       images = np.empty((len(part), size, size, 3), np.uint8)
-      decoded = image_io.decode_images([items.paths[r] for r in part], size,
-                                       resize, num_threads)
+      decoded = decode_items(items, part.tolist(), size, resize, num_threads)
       for j, (r, out) in enumerate(zip(part, decoded)):
         if isinstance(out, image_io.BadImageError):
-          raise DataError(items_path, f"image went bad after validation: "
-                          f"{out}", items.lines[r], "image")
+          raise items.error(f"image went bad after validation: {out}", r,
+                            "image")
         images[j] = out
       yield part, images
 

@@ -134,7 +134,7 @@ def _byod_key(config: Config) -> dict[str, Any]:
   # Edits to the logs or images make a new dataset, not a stale cache hit.
   # In a bucket: the CSVs' size and time (listing every image is costly).
   files = ({f: storage.stamp(storage.join(root, f))
-            for f in (byod.ITEMS_FILE, *byod.IMPRESSIONS_FILES)}
+            for f in (*byod.ITEMS_FILES, *byod.IMPRESSIONS_FILES)}
            if storage.is_remote(root) else byod.file_stamps(config))
   return {"byod_path": root, "byod": config.byod.to_dict(), "files": files}
 

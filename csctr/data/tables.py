@@ -127,7 +127,7 @@ class Table:
                 for g in range(block.row_group))
     for batch in f.iter_batches(chunk_size, row_groups=[block.row_group],
                                 columns=self.header, use_threads=False):
-      cols = [_strings(batch.column(i), block.path, name)
+      cols = [column_strings(batch.column(i), block.path, name)
               for i, name in enumerate(self.header)]
       n = batch.num_rows
       yield list(range(first + 1, first + n + 1)), list(zip(*cols))
@@ -147,7 +147,7 @@ def _parquet(path: str):
     raise DataError(path, f"unreadable Parquet file: {e}") from e
 
 
-def _strings(column, path: str, name: str) -> list[str]:
+def column_strings(column, path: str, name: str) -> list[str]:
   """A Parquet column as the strings a CSV would hold."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   t = column.type
