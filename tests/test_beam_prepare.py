@@ -22,6 +22,7 @@ import gcs_emulator
 from csctr import storage
 from csctr.data import beam_prepare
 from csctr.data import byod
+from csctr.data import byod_log
 from csctr.data import image_store
 from csctr.data import pipeline
 from csctr.data import prepared
@@ -174,6 +175,36 @@ def test_bad_image_bytes_name_the_parquet_row(tmp_path):
   stats = byod.make_source(test_byod.make_config(root)).stats
   assert (stats["skipped_images_corrupt"], stats["dropped_impressions"]) == (
       1, 3)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_time_boundary_in_bounded_passes_is_the_exact_quantile(tmp_path,
+                                                               fmt):
+  """byod_log's range / coarse / fine passes == sorting every timestamp."""
+  rng = np.random.default_rng(0)
+  n = 5000
+  # Heavy ties, plus far outliers that put most rows in one coarse bin.
+  t = np.concatenate([rng.integers(0, 50, n - 2), [10**12, -10**9]])
+  rng.shuffle(t)
+  root = test_byod.make_dataset(tmp_path / "ds")
+  items = np.array(list("abcdef"))[rng.integers(0, 6, n)]
+  table = pa.table({"user_id": ["u"] * n, "item_id": items,
+                    "label": pa.array(rng.integers(0, 2, n), pa.int8()),
+                    "timestamp": pa.array(t, pa.int64())})
+  os.remove(root / "impressions.csv")
+  if fmt == "parquet":
+    pq.write_table(table, root / "impressions.parquet", row_group_size=999)
+  else:
+    import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
+    pa_csv.write_csv(table, root / "impressions.csv")
+  for fraction in (0.2, 0.5, 0.0001):
+    _, _, reader = byod.open_dataset(test_byod.make_config(
+        root, test_fraction=fraction))
+    good = np.ones(6, bool)
+    good[2] = False  # rows of item c do not count
+    usable = np.sort(t[items != "c"])
+    want = usable[int(len(usable) * (1 - fraction))]
+    assert byod_log.time_boundary(reader, good) == want
 
 
 @pytest.fixture

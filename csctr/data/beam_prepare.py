@@ -10,16 +10,29 @@ finds it and needs no change. It is the same computation, distributed:
             shard per worker (csctr.data.image_store) -> usable-image mask
   blocks    Parquet row groups / CSV files (csctr.data.tables), row counts
             -> the first row id of every block
-    pass 0  (timestamp splits) key histograms, merged -> the boundary
+    pass 0  (timestamp splits) byod_log's three boundary passes (key
+            range, coarse histogram, the boundary bin's exact keys), each
+            merged by an order-free CombineFn -> the boundary
     pass 1  parse + validate + summarize each block (byod_log.summarize),
             merged by a CombineFn -> byod_log.plan: vocabularies (train
             counts), user index (a side input)
-    pass 2  byod_log.emit per block -> impressions keyed by (split, shard),
-            shard = hash of the ad item, so each image's impressions meet
-            in one GroupByKey -> sort by (item, impression id) ->
-            packing.cut_groups (the in-process Packer's cutting function)
-            -> one ArrayRecord shard per (split, shard)
+    pass 2  csctr.data.beam_shuffle: byod_log.emit per block -> spill files
+            per (split, shard), shard = hash of the ad item, so each image's
+            impressions meet in one shard -> GroupByKey of the file names
+            -> sort by (item, impression id) -> packing.cut_groups (the
+            in-process Packer's cutting function) -> one ArrayRecord part
+            per (split, shard)
   launcher  info.json, TFDS metadata, vocab/ files; commits the directory.
+
+Scale. Workers hold one block (a Parquet row group) or one shard's
+impressions at a time; shards per split = max(config.beam.num_shards,
+rows / beam_shuffle.SHARD_ROWS), so a shard stays near 2^21 rows however
+big the log. The Plan (vocabularies, user index) is a side input every
+worker holds: about 150 bytes per distinct user or feature value. A CSV
+file is read by one worker (rows cannot be located in it without reading
+it); many files or Parquet row groups read in parallel. Peak memory thus
+depends on the distinct ids, the items and the block size, not on the
+number of impressions (docs/data.md has the measurements).
 
 Output in an object store (config.data_dir = gs://...). Workers write their
 shards to a staging URL beside the dataset (<path>.staging-<id>: each file
@@ -28,23 +41,14 @@ TFDS names under <path> (server-side copies), uploads info.json, metadata
 and vocab/, and the COMMITTED marker last, then deletes the staging URL.
 Readers see nothing at <path> until COMMITTED exists (prepared.is_prepared),
 so a run that dies half-way leaves only the staging prefix behind.
-
-Scale. Workers hold one block (a Parquet row group) or one shard's
-impressions at a time; with S shards per split, a shard holds about
-impressions / (2 S) rows, so choose S (config.beam.num_shards) for ~10^6
-rows per shard. The Plan (vocabularies, user index) is a side input every
-worker holds: about 150 bytes per distinct user or feature value. A CSV
-file is read by one worker (rows cannot be located in it without reading
-it); many files or Parquet row groups read in parallel.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import pickle
 import shutil
-import tempfile
 import time
 from typing import Any, Iterator
 import uuid
@@ -55,17 +59,16 @@ import numpy as np
 
 from csctr import storage
 from csctr.data import batch as batch_lib
+from csctr.data import beam_shuffle
 from csctr.data import byod
 from csctr.data import byod_items
 from csctr.data import byod_log
 from csctr.data import image_io
 from csctr.data import image_store
-from csctr.data import packing
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
 from csctr.data import registry
 
-PART_PREFIX = "part-"
 SUMMARY_FILE = "beam_summary.pkl"
 
 
@@ -106,26 +109,6 @@ class Job:
     return self.features
 
 
-@contextlib.contextmanager
-def _output(job: Job, rel: str) -> Iterator[str]:
-  """A local file path to write job.out/rel through (uploaded when remote).
-
-  ArrayRecord writes local files only: in an object store the file is
-  written to a worker-local temporary directory and uploaded whole.
-  """
-  if not storage.is_remote(job.out):
-    full = os.path.join(job.out, rel)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    yield full
-    return
-  with tempfile.TemporaryDirectory(prefix="csctr-beam-") as d:
-    local = os.path.join(d, os.path.basename(rel))
-    yield local
-    with open(local, "rb") as fin, storage.as_path(
-        storage.join(job.out, rel)).open("wb") as fout:
-      shutil.copyfileobj(fin, fout, 1 << 22)
-
-
 def _images(shard: int, job: Job) -> Iterator[dict[str, Any]]:
   """Decodes and stores one image shard; yields its usable rows, counts."""
   rows = image_store.shard_rows(len(job.items.ids), job.image_shards, shard)
@@ -142,7 +125,7 @@ def _images(shard: int, job: Job) -> Iterator[dict[str, Any]]:
     good.append(r)
     payloads[r] = (job.items.image_bytes(r) if job.storage == "original"
                    else image_store.encode(out, job.storage))
-  with _output(job, _store_rel(job, shard)) as path:
+  with beam_shuffle.output(job.out, _store_rel(job, shard)) as path:
     nbytes = image_store.write_shard(path, rows, payloads)
   yield {"good": np.asarray(good, np.int64), "skipped_images_missing": missing,
          "skipped_images_corrupt": corrupt, "image_bytes": nbytes}
@@ -167,27 +150,66 @@ def _offsets(counts: dict[int, int]) -> dict[int, int]:
   return starts
 
 
-def _histogram(block, job: Job, starts, images) -> Iterator[tuple]:
-  """Pass 0 of one block: its split-key histogram (timestamps only)."""
-  yield byod_log.merge_histograms(*(
-      byod_log.key_histogram(job.reader, chunk, images["good"])
-      for chunk in job.reader.block_chunks(block, starts[block.index])))
+def _fold_keys(block, job: Job, starts, images, fn, merge, zero, *args
+               ) -> Iterator[Any]:
+  """One boundary pass (byod_log's pass 0a/b/c) over one block: fn of each
+  key chunk, folded with merge."""
+  acc = zero()
+  for keys in job.reader.block_keys(block, starts[block.index]):
+    acc = merge(acc, fn(keys, images["good"], *args))
+  yield acc
 
 
-class _MergeHistograms(beam.CombineFn):
-  """byod_log.merge_histograms as a CombineFn."""
+class _Merge(beam.CombineFn):
+  """An order-free merge(a, b) with its identity zero() as a CombineFn."""
+
+  def __init__(self, merge, zero):
+    self.merge, self.zero = merge, zero
 
   def create_accumulator(self):
-    return np.zeros(0), np.zeros(0, np.int64)
+    return self.zero()
 
-  def add_input(self, acc, hist):
-    return byod_log.merge_histograms(acc, hist)
+  def add_input(self, acc, x):
+    return self.merge(acc, x)
 
   def merge_accumulators(self, accs):
-    return byod_log.merge_histograms(*accs)
+    return functools.reduce(self.merge, accs, self.zero())
 
   def extract_output(self, acc):
     return acc
+
+
+def _no_range():
+  return np.array([np.inf, -np.inf])
+
+
+def _no_bins():
+  return np.zeros(byod_log.BINS, np.int64)
+
+
+def _no_hist():
+  return np.zeros(0), np.zeros(0, np.int64)
+
+
+def _fine(keys, good, key_range, goal):
+  return byod_log.fine_histogram(keys, good, key_range, goal[0])
+
+
+def _time_boundary(blocks, job: Job, starts_si, images_si):
+  """byod_log's three boundary passes as Beam stages."""
+  def fold(name, fn, merge, zero, *args):
+    return (blocks | name >> beam.FlatMap(_fold_keys, job, starts_si,
+                                          images_si, fn, merge, zero, *args)
+            | "Merge" + name >> beam.CombineGlobally(_Merge(merge, zero)))
+  rng = beam.pvalue.AsSingleton(fold("Range", byod_log.key_range,
+                                     byod_log.merge_ranges, _no_range))
+  goal = (fold("Coarse", byod_log.coarse_histogram, np.add, _no_bins, rng)
+          | "Target" >> beam.Map(lambda c: byod_log.target(job.reader, c)))
+  goal_si = beam.pvalue.AsSingleton(goal)
+  return (fold("Fine", _fine, byod_log.merge_histograms, _no_hist, rng,
+               goal_si)
+          | "Boundary" >> beam.Map(
+              lambda f, g: byod_log.boundary(job.reader, g, f), goal_si))
 
 
 def _summarize(block, job: Job, starts, images, split_at) -> Iterator[
@@ -200,67 +222,14 @@ def _summarize(block, job: Job, starts, images, split_at) -> Iterator[
   yield out
 
 
-class _MergeSummaries(beam.CombineFn):
-  """Summary.merge as a CombineFn (accumulators are Summaries)."""
-
-  def __init__(self, job: Job):
-    self.job = job
-
-  def create_accumulator(self):
-    return byod_log.Summary.empty(len(self.job.reader.extras),
-                                  len(self.job.items.ids))
-
-  def add_input(self, acc, s):
-    return acc.merge(s)
-
-  def merge_accumulators(self, accs):
-    accs = iter(accs)
-    first = next(accs)
-    for a in accs:
-      first.merge(a)
-    return first
-
-  def extract_output(self, acc):
-    return acc
+def _merge_summaries(a: byod_log.Summary, b: byod_log.Summary
+                     ) -> byod_log.Summary:
+  return a.merge(b)
 
 
 def _plan(summary, job: Job, images, split_at) -> byod_log.Plan:
   return byod_log.plan(job.reader, summary, images["good"], split_at,
                        job.min_count, job.hash_buckets)
-
-
-def shard_of(items: np.ndarray, num_shards: int) -> np.ndarray:
-  """Output shard of each ad item row: a fixed hash, so one image's
-  impressions all meet in one shard."""
-  h = (items.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(
-      40)
-  return (h % np.uint64(num_shards)).astype(np.int64)
-
-
-def _emit(block, job: Job, starts, plan) -> Iterator[tuple]:
-  """Pass 2 of one block: ((split, shard), impression chunk) pairs."""
-  for chunk in job.reader.block_chunks(block, starts[block.index]):
-    for split in prepared.SPLITS:
-      out = byod_log.emit(job.reader, plan, chunk, split, job.num_behaviors)
-      if out is None:
-        continue
-      shard = shard_of(out["item"], job.num_shards)
-      for s in np.unique(shard).tolist():
-        sel = shard == s
-        yield (split, s), {k: v[sel] for k, v in out.items()}
-
-
-def _write_groups(element, job: Job) -> Iterator[dict[str, Any]]:
-  """Packs one (split, shard) and writes its ArrayRecord part file."""
-  (split, shard), parts = element
-  cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  cols.pop("dense", None)
-  order = np.lexsort((cols["impression_id"], cols["item"]))
-  cols = {k: v[order] for k, v in cols.items()}
-  with _output(job, _part_rel(split, shard)) as path:
-    counts = prepare_lib.write_groups(
-        path, packing.cut_groups(cols, job.group_size), job.group_features())
-  yield {"split": split, "shard": shard, **counts}
 
 
 def build(p: beam.Pipeline, job: Job) -> None:
@@ -271,34 +240,32 @@ def build(p: beam.Pipeline, job: Job) -> None:
             | "AllImages" >> beam.combiners.ToList()
             | "MergeImages" >> beam.Map(_merge_images, num_items))
   blocks = p | "Blocks" >> beam.Create(job.blocks)
-  starts = (blocks
+  counts = (blocks
             | "Count" >> beam.Map(lambda b: (b.index, job.reader.table.count(b)))
-            | "Counts" >> beam.combiners.ToDict()
-            | "Offsets" >> beam.Map(_offsets))
+            | "Counts" >> beam.combiners.ToDict())
+  starts = counts | "Offsets" >> beam.Map(_offsets)
+  shards = counts | "NumShards" >> beam.Map(
+      lambda c: beam_shuffle.num_shards(sum(c.values()), job.num_shards))
   starts_si = beam.pvalue.AsSingleton(starts)
   images_si = beam.pvalue.AsSingleton(images)
   if job.reader.mode == "time":
-    split_at = (blocks
-                | "Histogram" >> beam.FlatMap(_histogram, job, starts_si,
-                                              images_si)
-                | "MergeHistograms" >> beam.CombineGlobally(
-                    _MergeHistograms())
-                | "Boundary" >> beam.Map(
-                    lambda h: byod_log.boundary(job.reader, h)))
+    split_at = _time_boundary(blocks, job, starts_si, images_si)
   else:
-    split_at = p | "Boundary" >> beam.Create([byod_log.boundary(job.reader,
-                                                                None)])
+    split_at = p | "Boundary" >> beam.Create([byod_log.boundary(job.reader)])
   split_si = beam.pvalue.AsSingleton(split_at)
   plan = (blocks
           | "Summarize" >> beam.FlatMap(_summarize, job, starts_si, images_si,
                                         split_si)
-          | "Merge" >> beam.CombineGlobally(_MergeSummaries(job))
+          | "Merge" >> beam.CombineGlobally(_Merge(
+              _merge_summaries, functools.partial(
+                  byod_log.Summary.empty, len(job.reader.extras), num_items)))
           | "Plan" >> beam.Map(_plan, job, images_si, split_si))
   written = (blocks
-             | "Emit" >> beam.FlatMap(_emit, job, starts_si,
-                                      beam.pvalue.AsSingleton(plan))
+             | "Emit" >> beam.FlatMap(beam_shuffle.emit, job, starts_si,
+                                      beam.pvalue.AsSingleton(plan),
+                                      beam.pvalue.AsSingleton(shards))
              | "ByShard" >> beam.GroupByKey()
-             | "Write" >> beam.FlatMap(_write_groups, job)
+             | "Write" >> beam.FlatMap(beam_shuffle.write_groups, job)
              | "Written" >> beam.combiners.ToList())
   (plan | "Finish" >> beam.Map(
       _write_summary, job, beam.pvalue.AsSingleton(written), images_si))
@@ -375,11 +342,13 @@ def _finish(job: Job, summary: dict[str, Any], path: str,
     parts = sorted((w for w in summary["written"] if w["split"] == split),
                    key=lambda w: w["shard"])
     for i, w in enumerate(parts):
-      _move(job, path, _part_rel(split, w["shard"]),
+      _move(job, path, beam_shuffle.part_rel(split, w["shard"]),
             prepared.shard_name("", split, i, len(parts)))
     splits[split] = prepare_lib.split_counts(parts, job.group_size)
   for shard in range(job.image_shards if storage.is_remote(job.out) else 0):
     _move(job, path, _store_rel(job, shard), _store_rel(job, shard))
+  shutil.rmtree(os.path.join(job.tmp, beam_shuffle.SPILL_DIR),
+                ignore_errors=True)  # emptied by the writers
   fields = byod.source_fields(job.reader, plan, job.num_behaviors)
   np.save(os.path.join(job.tmp, prepared.CATEGORY_FILE),
           fields.pop("item_category"))
@@ -403,10 +372,6 @@ def _finish(job: Job, summary: dict[str, Any], path: str,
                      plan.vocabs, start)
   logging.info("prepared %s on Beam in %.1fs: %s", path, time.time() - start,
                splits)
-
-
-def _part_rel(split: str, shard: int) -> str:
-  return os.path.join(prepared.GROUPS_DIR, f"{PART_PREFIX}{split}-{shard:05d}")
 
 
 def _store_rel(job: Job, shard: int) -> str:

@@ -183,12 +183,8 @@ def make_source(config: Any) -> source_lib.Source:
       items, size, config.byod.resize,
       config.byod.skip_bad_images, config.byod.num_threads,
       config.byod.image_cache_mb * 2**20)
-  hist = None
-  if reader.mode == "time":  # pass 0
-    hist = byod_log.merge_histograms(*(
-        byod_log.key_histogram(reader, chunk, images.good)
-        for chunk in reader.chunks()))
-  split_at = byod_log.boundary(reader, hist)
+  split_at = (byod_log.time_boundary(reader, images.good)  # pass 0
+              if reader.mode == "time" else byod_log.boundary(reader))
   summary = byod_log.Summary.empty(len(reader.extras), len(items.ids))
   for chunk in reader.chunks():  # pass 1
     summary.merge(byod_log.summarize(reader, chunk, images.good,

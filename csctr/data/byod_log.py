@@ -63,6 +63,10 @@ def _hash_uniform(index: np.ndarray, seed: int) -> np.ndarray:
   return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
+# (item rows, -1 where unknown or the key is missing; split keys) of rows.
+KeyChunk = tuple[np.ndarray, np.ndarray]
+
+
 @dataclasses.dataclass
 class Chunk:
   """Parsed rows of a block: first row id, rows, item rows, labels, keys.
@@ -113,6 +117,41 @@ class Reader:
     for lines, rows in self.table.rows(block, self.chunk_size):
       yield self.parse(block.path, start, lines, rows)
       start += len(rows)
+
+  def block_keys(self, block: tables.Block, start: int
+                 ) -> Iterator[KeyChunk]:
+    """(item rows, split keys) of a block, for the boundary passes.
+
+    A Parquet block with a string item_id and a numeric or timestamp
+    timestamp column is read vectorised, those two columns only (same keys
+    as parse: float(str(v)) == v). Elsewhere rows go through parse. Rows
+    the fast path cannot use (unknown item, null key) get item -1: pass 1
+    parses every row and raises on them.
+    """
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+    names = [self.header[self.item], self.header[self.time]]
+    types = self.table.types(block.path, names) if self.mode == "time" else ()
+    if not types or not (pa.types.is_string(types[0]) and (
+        tables.is_numeric(types[1]))):
+      for chunk in self.block_chunks(block, start):
+        yield chunk.items, chunk.keys
+      return
+    ids = pa.array(self.items.ids)
+    for batch in self.table.batches(block, names, self.chunk_size):
+      rows = np.array(pc.index_in(pc.utf8_trim_whitespace(batch.column(0)),
+                                  value_set=ids).fill_null(-1), np.int64)
+      keys = tables.seconds(batch.column(1))
+      rows[~np.isfinite(keys)] = -1
+      yield rows, np.nan_to_num(keys)
+
+  def key_chunks(self) -> Iterator[KeyChunk]:
+    """block_keys of every block in order (the in-process path)."""
+    self.table.check_unchanged()
+    start = 0
+    for block in self.table.blocks():
+      yield from self.block_keys(block, start)
+      start += self.table.count(block)
 
   def chunks(self) -> Iterator[Chunk]:
     """Every block in order (the in-process path)."""
@@ -192,12 +231,6 @@ class Reader:
     return rows, unknown, bad
 
 
-def key_histogram(reader: Reader, chunk: Chunk, good: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Sorted distinct split keys of the chunk's usable rows, with counts."""
-  return np.unique(chunk.keys[good[chunk.items]], return_counts=True)
-
-
 def merge_histograms(*hists: tuple[np.ndarray, np.ndarray]
                      ) -> tuple[np.ndarray, np.ndarray]:
   keys = np.concatenate([k for k, _ in hists])
@@ -207,23 +240,96 @@ def merge_histograms(*hists: tuple[np.ndarray, np.ndarray]
       np.int64)
 
 
-def boundary(reader: Reader,
-             hist: tuple[np.ndarray, np.ndarray] | None) -> float:
-  """Split key at which test starts: the latest test_fraction by timestamp
-  (ties at the boundary all go to test); 0.5 for split columns and hashes.
+# The exact time boundary in bounded memory (a histogram of every distinct
+# timestamp would hold 16 bytes per row of a log with unique timestamps):
+#   pass 0a  key_range: min and max usable key (merged by merge_ranges),
+#   pass 0b  coarse_histogram: counts in BINS equal bins over that range
+#            (merged by +) -> target(): the bin holding the boundary row,
+#   pass 0c  fine_histogram: the exact histogram of that bin's keys only
+#            (merged by merge_histograms) -> boundary().
+# Every merge is order-free, so Beam's CombineFns give the same boundary.
+BINS = 1 << 16
 
-  `hist` (merged key_histogram of every usable row) is needed for 'time'
-  only, which is why that mode reads the log once more than the others.
-  """
-  if reader.mode != "time":
-    return 0.5
-  keys, counts = hist
-  cum = np.cumsum(counts)
+
+def _usable_keys(keys: KeyChunk, good: np.ndarray) -> np.ndarray:
+  items, k = keys
+  ok = items >= 0
+  ok[ok] = good[items[ok]]
+  return k[ok]
+
+
+def key_range(keys: KeyChunk, good: np.ndarray) -> np.ndarray:
+  k = _usable_keys(keys, good)
+  return np.array([k.min(), k.max()] if len(k) else [np.inf, -np.inf])
+
+
+def merge_ranges(*ranges: np.ndarray) -> np.ndarray:
+  r = np.stack([np.array([np.inf, -np.inf]), *ranges])
+  return np.array([r[:, 0].min(), r[:, 1].max()])
+
+
+def _bins(k: np.ndarray, key_range_: np.ndarray) -> np.ndarray:
+  lo, hi = key_range_
+  width = (hi - lo) / BINS if hi > lo else 1.0
+  return np.clip(((k - lo) / width).astype(np.int64), 0, BINS - 1)
+
+
+def coarse_histogram(keys: KeyChunk, good: np.ndarray,
+                     key_range_: np.ndarray) -> np.ndarray:
+  return np.bincount(_bins(_usable_keys(keys, good), key_range_),
+                     minlength=BINS).astype(np.int64)
+
+
+def target(reader: Reader, coarse: np.ndarray) -> tuple[int, int]:
+  """(bin holding the first test row, its rank in the bin); (-1, 0): no
+  test row (test_fraction rounds to none)."""
+  cum = np.cumsum(coarse)
   total = int(cum[-1]) if len(cum) else 0
   k = int(total * (1.0 - reader.test_fraction))
   if k >= total:
+    return -1, 0
+  b = int(np.searchsorted(cum, k, side="right"))
+  return b, k - (int(cum[b - 1]) if b else 0)
+
+
+def fine_histogram(keys: KeyChunk, good: np.ndarray,
+                   key_range_: np.ndarray, bin_: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Distinct usable keys in coarse bin `bin_`, with counts."""
+  k = _usable_keys(keys, good)
+  return np.unique(k[_bins(k, key_range_) == bin_], return_counts=True)
+
+
+def boundary(reader: Reader, goal: tuple[int, int] | None = None,
+             fine: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+  """Split key at which test starts: the latest test_fraction by timestamp
+  (ties at the boundary all go to test); 0.5 for split columns and hashes.
+
+  For 'time' only, which is why that mode reads the log more than the
+  others: `goal` = target(coarse), `fine` = the merged fine_histogram.
+  """
+  if reader.mode != "time":
+    return 0.5
+  if goal[0] < 0:
     return math.inf
-  return float(keys[np.searchsorted(cum, k, side="right")])  # sorted[k]
+  keys, counts = fine
+  cum = np.cumsum(counts)
+  return float(keys[np.searchsorted(cum, goal[1], side="right")])
+
+
+def time_boundary(reader: Reader, good: np.ndarray) -> float:
+  """The three key passes of a time split, in order (the in-process path)."""
+  rng = np.array([np.inf, -np.inf])
+  for keys in reader.key_chunks():
+    rng = merge_ranges(rng, key_range(keys, good))
+  coarse = np.zeros(BINS, np.int64)
+  for keys in reader.key_chunks():
+    coarse += coarse_histogram(keys, good, rng)
+  goal = target(reader, coarse)
+  fine = (np.zeros(0), np.zeros(0, np.int64))
+  for keys in reader.key_chunks() if goal[0] >= 0 else ():
+    fine = merge_histograms(fine, fine_histogram(keys, good, rng, goal[0]))
+  return boundary(reader, goal, fine)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from csctr.data import byod_items
 from csctr.data.byod_items import DataError
@@ -117,6 +119,20 @@ class Table:
       return _parquet(block.path).metadata.row_group(block.row_group).num_rows
     return sum(len(rows) for _, rows in self.rows(block, 1 << 16))
 
+  def types(self, path: str, names: Sequence[str]) -> list[Any]:
+    """Arrow types of columns of a Parquet file ([] for CSV)."""
+    if self.format != "parquet":
+      return []
+    schema = _parquet(path).schema_arrow
+    return [schema.field(n).type for n in names]
+
+  def batches(self, block: Block, names: Sequence[str],
+              chunk_size: int) -> Iterator[Any]:
+    """A Parquet block's Arrow record batches of the columns `names`."""
+    yield from _parquet(block.path).iter_batches(
+        chunk_size, row_groups=[block.row_group], columns=list(names),
+        use_threads=False)
+
   def rows(self, block: Block, chunk_size: int) -> Iterator[Rows]:
     """Streams a block's (line numbers, string rows), chunk_size at a time."""
     if self.format == "csv":
@@ -145,6 +161,26 @@ def _parquet(path: str):
     return pq.ParquetFile(path)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(path, f"unreadable Parquet file: {e}") from e
+
+
+def is_numeric(t: Any) -> bool:
+  """An Arrow number, timestamp or date type (read by `seconds`)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  return (pa.types.is_integer(t) or pa.types.is_floating(t)
+          or pa.types.is_timestamp(t) or pa.types.is_date(t))
+
+
+def seconds(column) -> np.ndarray:
+  """A number/timestamp/date column as float64 (timestamps: Unix seconds,
+  as column_strings formats them); nulls are NaN."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  t = column.type
+  if pa.types.is_timestamp(t) or pa.types.is_date(t):
+    us = column.cast(pa.timestamp("us", tz=getattr(t, "tz", None))).cast(
+        pa.int64())
+    return us.cast(pa.float64(), safe=False).to_numpy(
+        zero_copy_only=False) / 1e6
+  return column.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
 
 
 def column_strings(column, path: str, name: str) -> list[str]:
