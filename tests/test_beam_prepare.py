@@ -207,6 +207,26 @@ def test_time_boundary_in_bounded_passes_is_the_exact_quantile(tmp_path,
     assert byod_log.time_boundary(reader, good) == want
 
 
+def test_group_serializer_writes_the_protos_tfds_writes():
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  from csctr.data import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+  features = prepare_lib.group_features(4, 2, 3)
+  serialize = prepare_lib.group_serializer(features)
+  rng = np.random.default_rng(0)
+  for n in (1, 2, 25):
+    group = {"item": np.int32(7), "label": rng.integers(0, 2, n).astype(
+        np.float32), "user_id": rng.integers(0, 9, n).astype(np.int32),
+             "impression_id": rng.integers(0, 2**31 - 1, n).astype(np.int32),
+             "is_cold": rng.random(n) < 0.5,
+             "sparse": rng.integers(0, 99, (n, 4)).astype(np.int32),
+             "dense": rng.normal(size=(n, 2)).astype(np.float32),
+             "behavior": rng.integers(-1, 5, (n, 3)).astype(np.int32)}
+    a, b = tf_example_pb2.Example(), tf_example_pb2.Example()
+    a.ParseFromString(features.serialize_example(group))
+    b.ParseFromString(serialize(group))
+    assert a == b and len(b.features.feature) == 8
+
+
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
   """csctr.storage pointed at a real GCS emulator on 127.0.0.1."""

@@ -33,9 +33,10 @@ an in-memory shuffle buffer of up to 1 GB (so a 10^7-impression dataset sits
 in memory whole, even with `disable_shuffling`), then writes the data a
 second time from that buffer, and it has no hook to write the image table or
 to make the whole directory appear atomically. So the shards are written
-here with `ArrayRecordWriter` while streaming, the records are serialized by
-TFDS's own FeaturesDict, and `tfds.folder_dataset.write_metadata` adds the
-TFDS metadata: the result is an ordinary TFDS dataset that
+here with `ArrayRecordWriter` while streaming, the records are the protos
+TFDS's own FeaturesDict serializes (built directly, five times faster:
+group_serializer), and `tfds.folder_dataset.write_metadata` adds the TFDS
+metadata: the result is an ordinary TFDS dataset that
 `tfds.builder_from_directory(path/groups).as_data_source(split)` reads.
 The pipeline reads the same records through pipeline.GroupSource, a
 five-times cheaper decoder of the same protos (TFDS's generic decoder is most
@@ -55,12 +56,13 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from absl import logging
 from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from csctr import metrics
 from csctr import storage
@@ -240,16 +242,41 @@ def _write_split(tmp, split, groups, features, group_size, scores):
   return stats
 
 
+def group_serializer(features: tfds.features.FeaturesDict
+                     ) -> Callable[[dict[str, Any]], bytes]:
+  """group -> the tf.train.Example bytes of features.serialize_example.
+
+  The same proto (a test compares them parsed), built directly: TFDS's
+  generic encoder took ~230 us per group, most of a large prepare's time;
+  this takes ~40. Deterministic: map keys are serialized sorted.
+  """
+  floats = {k: np.dtype(f.np_dtype) == np.float32 for k, f in features.items()}
+
+  def serialize(group: dict[str, Any]) -> bytes:
+    example = tf_example_pb2.Example()
+    feature = example.features.feature
+    for key, is_float in floats.items():
+      value = np.asarray(group[key]).ravel()
+      if is_float:
+        feature[key].float_list.value[:] = value.astype(np.float32).tolist()
+      else:
+        feature[key].int64_list.value[:] = value.astype(np.int64).tolist()
+    return example.SerializeToString(deterministic=True)
+
+  return serialize
+
+
 def write_groups(path: str, groups: Iterable[dict[str, Any]],
                  features: tfds.features.FeaturesDict) -> dict[str, int]:
   """Writes group records to one ArrayRecord shard; returns its counters."""
+  serialize = group_serializer(features)
   counts = dict(impressions=0, groups=0, clicks=0, cold_impressions=0)
   # group_size:1 compresses every record on its own, so a random read
   # decompresses one record; snappy decompresses faster than the default.
   writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
   try:
     for group in groups:
-      writer.write(features.serialize_example(group))
+      writer.write(serialize(group))
       counts["groups"] += 1
       counts["impressions"] += len(group["label"])
       counts["clicks"] += int(group["label"].sum())
