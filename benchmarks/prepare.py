@@ -100,8 +100,10 @@ def run_one(mode: str, log: str, data_dir: str) -> dict[str, float]:
          "--config=" + os.path.join(ROOT, "configs", "byod.py"),
          "--config.byod_path=" + log, "--config.data_dir=" + data_dir,
          "--config.data.image_size=8", "--config.data.num_behaviors=0",
-         # The Beam path packs with a fixed K; so does every mode here.
+         # The Beam path packs with a fixed K and no validation split; so does
+         # every mode here.
          "--config.data.batching=fixed", "--config.data.group_size=25",
+         "--config.data.validation_fraction=0",
          *MODES[mode]]
   env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep +
          os.environ.get("PYTHONPATH", "")}

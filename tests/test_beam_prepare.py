@@ -23,6 +23,7 @@ from csctr import storage
 from csctr.data import beam_prepare
 from csctr.data import byod
 from csctr.data import byod_log
+from csctr.data import split_boundary
 from csctr.data import image_store
 from csctr.data import pipeline
 from csctr.data import prepared
@@ -204,7 +205,7 @@ def test_time_boundary_in_bounded_passes_is_the_exact_quantile(tmp_path,
     good[2] = False  # rows of item c do not count
     usable = np.sort(t[items != "c"])
     want = usable[int(len(usable) * (1 - fraction))]
-    assert byod_log.time_boundary(reader, good) == want
+    assert split_boundary.time_boundary(reader, good) == want
 
 
 def test_group_serializer_writes_the_protos_tfds_writes():

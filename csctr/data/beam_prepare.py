@@ -10,7 +10,7 @@ finds it and needs no change. It is the same computation, distributed:
             shard per worker (csctr.data.image_store) -> usable-image mask
   blocks    Parquet row groups / CSV files (csctr.data.tables), row counts
             -> the first row id of every block
-    pass 0  (timestamp splits) byod_log's three boundary passes (key
+    pass 0  (timestamp splits) split_boundary's three passes (key
             range, coarse histogram, the boundary bin's exact keys), each
             merged by an order-free CombineFn -> the boundary
     pass 1  parse + validate + summarize each block (byod_log.summarize),
@@ -63,6 +63,7 @@ from csctr.data import beam_shuffle
 from csctr.data import byod
 from csctr.data import byod_items
 from csctr.data import byod_log
+from csctr.data import split_boundary
 from csctr.data import image_io
 from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
@@ -152,7 +153,7 @@ def _offsets(counts: dict[int, int]) -> dict[int, int]:
 
 def _fold_keys(block, job: Job, starts, images, fn, merge, zero, *args
                ) -> Iterator[Any]:
-  """One boundary pass (byod_log's pass 0a/b/c) over one block: fn of each
+  """One boundary pass (split_boundary's 0a/b/c) over one block: fn of each
   key chunk, folded with merge."""
   acc = zero()
   for keys in job.reader.block_keys(block, starts[block.index]):
@@ -184,7 +185,7 @@ def _no_range():
 
 
 def _no_bins():
-  return np.zeros(byod_log.BINS, np.int64)
+  return np.zeros(split_boundary.BINS, np.int64)
 
 
 def _no_hist():
@@ -192,24 +193,24 @@ def _no_hist():
 
 
 def _fine(keys, good, key_range, goal):
-  return byod_log.fine_histogram(keys, good, key_range, goal[0])
+  return split_boundary.fine_histogram(keys, good, key_range, goal[0])
 
 
 def _time_boundary(blocks, job: Job, starts_si, images_si):
-  """byod_log's three boundary passes as Beam stages."""
+  """split_boundary's three passes as Beam stages."""
   def fold(name, fn, merge, zero, *args):
     return (blocks | name >> beam.FlatMap(_fold_keys, job, starts_si,
                                           images_si, fn, merge, zero, *args)
             | "Merge" + name >> beam.CombineGlobally(_Merge(merge, zero)))
-  rng = beam.pvalue.AsSingleton(fold("Range", byod_log.key_range,
-                                     byod_log.merge_ranges, _no_range))
-  goal = (fold("Coarse", byod_log.coarse_histogram, np.add, _no_bins, rng)
-          | "Target" >> beam.Map(lambda c: byod_log.target(job.reader, c)))
+  sb = split_boundary
+  rng = beam.pvalue.AsSingleton(fold("Range", sb.key_range, sb.merge_ranges,
+                                     _no_range))
+  goal = (fold("Coarse", sb.coarse_histogram, np.add, _no_bins, rng)
+          | "Target" >> beam.Map(lambda c: sb.target(job.reader, c)))
   goal_si = beam.pvalue.AsSingleton(goal)
-  return (fold("Fine", _fine, byod_log.merge_histograms, _no_hist, rng,
-               goal_si)
+  return (fold("Fine", _fine, sb.merge_histograms, _no_hist, rng, goal_si)
           | "Boundary" >> beam.Map(
-              lambda f, g: byod_log.boundary(job.reader, g, f), goal_si))
+              lambda f, g: sb.boundary(job.reader, g, f), goal_si))
 
 
 def _summarize(block, job: Job, starts, images, split_at) -> Iterator[
@@ -251,7 +252,8 @@ def build(p: beam.Pipeline, job: Job) -> None:
   if job.reader.mode == "time":
     split_at = _time_boundary(blocks, job, starts_si, images_si)
   else:
-    split_at = p | "Boundary" >> beam.Create([byod_log.boundary(job.reader)])
+    split_at = p | "Boundary" >> beam.Create(
+        [split_boundary.boundary(job.reader)])
   split_si = beam.pvalue.AsSingleton(split_at)
   plan = (blocks
           | "Summarize" >> beam.FlatMap(_summarize, job, starts_si, images_si,

@@ -33,9 +33,9 @@ config.byod.test_fraction of impressions is test (ties at the boundary go to
 test together); else a seeded hash (config.byod.seed) of the row number.
 The impressions stream in chunks (config.byod.chunk_size) through the
 passes of csctr.data.byod_log, shared with the Beam path: in make_source
-pass 0 (timestamps only: the boundary) and pass 1 (validates every row,
-counts train ids -> vocabularies); each `impressions(split)` call is a
-pass 2 that emits.
+pass 0 (timestamps only: the boundary, csctr.data.split_boundary) and
+pass 1 (validates every row, counts train ids -> vocabularies); each
+`impressions(split)` call is a pass 2 that emits.
 
 Bad input. Errors raise `DataError` (a ValueError) naming file, 1-based line
 and field: nothing is trained on data we know is wrong. Only unusable images
@@ -71,6 +71,7 @@ from typing import Any, Iterator
 
 from csctr.data import byod_items
 from csctr.data import byod_log
+from csctr.data import split_boundary
 from csctr.data import source as source_lib
 from csctr.data import tables
 from csctr.data.byod_items import DataError  # Re-exported: byod.DataError.
@@ -183,8 +184,10 @@ def make_source(config: Any) -> source_lib.Source:
       items, size, config.byod.resize,
       config.byod.skip_bad_images, config.byod.num_threads,
       config.byod.image_cache_mb * 2**20)
-  split_at = (byod_log.time_boundary(reader, images.good)  # pass 0
-              if reader.mode == "time" else byod_log.boundary(reader))
+  if reader.mode == "time":  # pass 0
+    split_at = split_boundary.time_boundary(reader, images.good)
+  else:
+    split_at = split_boundary.boundary(reader)
   summary = byod_log.Summary.empty(len(reader.extras), len(items.ids))
   for chunk in reader.chunks():  # pass 1
     summary.merge(byod_log.summarize(reader, chunk, images.good,
