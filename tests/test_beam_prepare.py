@@ -5,8 +5,8 @@ impressions), as CSV or as Parquet, and must produce the same multiset of
 group records, the same vocabularies and the same images.
 """
 
-import json
 import csv
+import json
 import os
 import pathlib
 import shutil
@@ -22,12 +22,11 @@ import gcs_emulator
 from csctr import storage
 from csctr.data import beam_prepare
 from csctr.data import byod
-from csctr.data import byod_log
-from csctr.data import split_boundary
 from csctr.data import image_store
 from csctr.data import pipeline
 from csctr.data import prepared
 from csctr.data import registry
+from csctr.data import split_boundary
 from csctr.data import vocab
 from tests import test_byod
 

@@ -63,12 +63,12 @@ from csctr.data import beam_shuffle
 from csctr.data import byod
 from csctr.data import byod_items
 from csctr.data import byod_log
-from csctr.data import split_boundary
 from csctr.data import image_io
 from csctr.data import image_store
 from csctr.data import prepare as prepare_lib
 from csctr.data import prepared
 from csctr.data import registry
+from csctr.data import split_boundary
 
 SUMMARY_FILE = "beam_summary.pkl"
 

@@ -71,8 +71,8 @@ from typing import Any, Iterator
 
 from csctr.data import byod_items
 from csctr.data import byod_log
-from csctr.data import split_boundary
 from csctr.data import source as source_lib
+from csctr.data import split_boundary
 from csctr.data import tables
 from csctr.data.byod_items import DataError  # Re-exported: byod.DataError.
 
