@@ -168,6 +168,40 @@ def test_padded_rows():
     embeddings.padded_rows(5, 0)
 
 
+def test_table_init_of_a_small_table_is_nnx_embeds_own():
+  """Tables up to ONE_SHOT_ENTRIES keep the values nnx.Embed always drew."""
+  from flax import nnx
+  key = jax.random.key(3)
+  ours = nnx.Embed(640, 16, rngs=nnx.Rngs(params=key), embedding_init=(
+      lambda k, s, d: embeddings.table_init(k, s, d, groups=64)))
+  theirs = nnx.Embed(640, 16, rngs=nnx.Rngs(params=key))
+  np.testing.assert_array_equal(ours.embedding[...], theirs.embedding[...])
+
+
+def test_table_init_row_by_row(monkeypatch):
+  """Above the threshold row r comes from fold_in(key, r) alone.
+
+  So the values do not depend on the grouping (the row-sharding layout) nor
+  on the chunk size, and every row has nnx.Embed's N(0, 1/d) law.
+  """
+  monkeypatch.setattr(embeddings, "ONE_SHOT_ENTRIES", 0)
+  key, shape = jax.random.key(5), (3 * 64 * 7, 8)
+  tables = []
+  for groups, chunk_entries in [(1, 10**9), (64, 64 * 8 * 5), (3, 8 * 4)]:
+    monkeypatch.setattr(embeddings, "CHUNK_ENTRIES", chunk_entries)
+    tables.append(np.asarray(jax.jit(
+        lambda k: embeddings.table_init(k, shape, groups=groups))(key)))
+  np.testing.assert_array_equal(tables[0], tables[1])
+  np.testing.assert_array_equal(tables[0], tables[2])
+  for r in (0, 1, 777, shape[0] - 1):
+    row = jax.random.normal(jax.random.fold_in(key, r), (shape[1],))
+    np.testing.assert_allclose(tables[0][r], row / np.sqrt(shape[1]),
+                               rtol=1e-6)
+  assert len(np.unique(tables[0][:, 0])) == shape[0]
+  assert abs(tables[0].std() * np.sqrt(shape[1]) - 1) < 0.02
+  assert abs(tables[0].mean()) < 0.01
+
+
 def test_unknown_optimizer_is_an_error():
   with pytest.raises(ValueError, match="embed_optimizer"):
     embeddings.RowOptimizer("adamax", lr=0.1)

@@ -80,6 +80,55 @@ def padded_rows(vocab_size: int, multiple: int) -> int:
   return -(-int(vocab_size) // multiple) * multiple
 
 
+# nnx.Embed's initializer: N(0, 1/d) per entry, whatever the row count.
+_EMBED_INIT = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                   out_axis=0)
+# Tables up to this many entries are drawn in one call, exactly as nnx.Embed
+# draws them; larger ones row by row in a loop (table_init).
+ONE_SHOT_ENTRIES = 1 << 24
+CHUNK_ENTRIES = 1 << 22  # entries drawn per loop step, all groups together
+
+
+def table_init(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32,
+               *, groups: int = 1) -> jax.Array:
+  """nnx.Embed's N(0, 1/d) table init, with bounded memory for huge tables.
+
+  One call draws a [rows, d] table through threefry bits, uniforms and
+  erfinv, which XLA on CPU keeps as ~3 table-sized temporaries: 10^8 x 16
+  rows (6.4 GB) needed ~25 GB. Up to ONE_SHOT_ENTRIES entries the table is
+  drawn as nnx.Embed draws it (same values as ever); above, row r is drawn
+  from fold_in(key, r), so its values depend on the seed and r only (not on
+  the device count or the chunking), and a loop fills CHUNK_ENTRIES entries
+  per step into the table viewed as [groups, rows / groups, d]. `groups`
+  (model.table_row_multiple, which always divides the padded rows) is the
+  dim that row sharding splits: every device fills its own rows in place,
+  with no full-table temporary nor any table on one device.
+  """
+  rows, dim = shape
+  if rows * dim <= ONE_SHOT_ENTRIES:
+    return _EMBED_INIT(key, shape, dtype)
+  groups = groups if groups >= 1 and rows % groups == 0 else 1
+  per = rows // groups
+  chunk = max(1, min(per, CHUNK_ENTRIES // (groups * dim)))
+  draw_row = lambda r: _EMBED_INIT(jax.random.fold_in(key, r), (1, dim),
+                                   dtype)[0]
+
+  def fill(i, table):
+    start = jnp.minimum(i * chunk, per - chunk)  # the last chunk overlaps
+    ids = (jnp.arange(groups, dtype=jnp.uint32)[:, None] * per
+           + start.astype(jnp.uint32) + jnp.arange(chunk, dtype=jnp.uint32))
+    block = jax.vmap(jax.vmap(draw_row))(ids)  # [groups, chunk, d]
+    return jax.lax.dynamic_update_slice(table, block, (0, start, 0))
+
+  # The loop overwrites every row of its carry, in place. A constant start
+  # (zeros) would be shared by tables of one shape, built once and copied:
+  # a table-sized temporary. A value of this table's key keeps it its own.
+  first = jax.random.key_data(key).ravel()[0].astype(dtype)
+  table = jax.lax.fori_loop(0, -(-per // chunk), fill,
+                            jnp.broadcast_to(first, (groups, per, dim)))
+  return table.reshape(rows, dim)
+
+
 def lookup(table: jax.Array, ids: jax.Array, weight: jax.Array,
            size: int | None = None) -> Lookup:
   """The unique rows of `table` that `ids` ([N] int32) touch, gathered once.
