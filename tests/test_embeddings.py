@@ -88,6 +88,39 @@ def test_rowwise_adagrad_equals_numpy_reference():
   assert slots["accumulator"].shape == (ROWS,)  # one value per row
 
 
+def test_ftrl_equals_numpy_reference():
+  """FTRL-Proximal per coordinate (McMahan et al. 2013), touched rows only."""
+  lr, l1, l2, beta = 0.3, 2.0, 0.01, 1.0
+  opt = embeddings.RowOptimizer("ftrl", lr=lr, initial_accumulator=0.1,
+                                l1=l1, l2=l2, beta=beta)
+  got, slots = _sparse_steps(opt, 6)
+  table = np.asarray(_table(), np.float64)
+  z, n = np.zeros_like(table), np.full_like(table, 0.1)
+  for ids, weight, target in _batches(6):
+    ids, weight = np.asarray(ids), np.asarray(weight)
+    e = jnp.asarray(table[ids], jnp.float32)
+    g = np.asarray(jax.grad(_loss_of_embeddings)(e, weight, target))
+    row_g = np.zeros_like(table)
+    np.add.at(row_g, ids, g)
+    for r in np.unique(ids[weight > 0]):
+      for j in range(DIM):
+        n_new = n[r, j] + row_g[r, j] ** 2
+        sigma = (np.sqrt(n_new) - np.sqrt(n[r, j])) / lr
+        z[r, j] += row_g[r, j] - sigma * table[r, j]
+        n[r, j] = n_new
+        if abs(z[r, j]) <= l1:
+          table[r, j] = 0.0
+        else:
+          table[r, j] = -(z[r, j] - np.sign(z[r, j]) * l1) / (
+              (beta + np.sqrt(n_new)) / lr + 2 * l2)
+  np.testing.assert_allclose(got, table, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(slots["z"], z, rtol=1e-4, atol=1e-6)  # float32 sums
+  np.testing.assert_allclose(slots["n"], n, rtol=1e-5)
+  zeros = np.asarray(got[:8]) == 0  # l1 zeroes coordinates exactly
+  assert zeros.any() and not zeros.all()
+  np.testing.assert_array_equal(got[8:], _table()[8:])  # never touched
+
+
 def test_lazy_adam_equals_adam_when_every_row_is_touched():
   opt = embeddings.RowOptimizer("lazy_adam", lr=0.1, eps=1e-8)
   table, slots = _table(), None
