@@ -68,21 +68,31 @@ def test_sparse_path_equals_dense_optax(kind, tx):
   assert np.abs(sparse[:8] - _table()[:8]).max() > 1e-2  # rows did move
 
 
+def _numpy_row_gradients(table: np.ndarray, steps: int):
+  """(row, its summed gradient) per touched row of each batch, in numpy.
+
+  Each batch's gradients are taken at the table as the caller left it after
+  the previous batch; rows of padding impressions only are not touched.
+  """
+  for ids, weight, target in _batches(steps):
+    ids, weight = np.asarray(ids), np.asarray(weight)
+    e = jnp.asarray(table[ids], jnp.float32)
+    g = np.asarray(jax.grad(_loss_of_embeddings)(e, weight, target))
+    row_g = np.zeros_like(table)
+    np.add.at(row_g, ids, g)
+    for r in np.unique(ids[weight > 0]):
+      yield r, row_g[r]
+
+
 def test_rowwise_adagrad_equals_numpy_reference():
   opt = embeddings.RowOptimizer("rowwise_adagrad", lr=0.3,
                                 initial_accumulator=0.1, eps=1e-7)
   got, slots = _sparse_steps(opt, 6)
   table = np.asarray(_table(), np.float64)
   acc = np.full(ROWS, 0.1)
-  for ids, weight, target in _batches(6):
-    ids, weight = np.asarray(ids), np.asarray(weight)
-    e = jnp.asarray(table[ids], jnp.float32)
-    g = np.asarray(jax.grad(_loss_of_embeddings)(e, weight, target))
-    row_g = np.zeros_like(table)
-    np.add.at(row_g, ids, g)
-    for r in np.unique(ids[weight > 0]):  # rows of real impressions only
-      acc[r] += np.mean(row_g[r] ** 2)
-      table[r] -= 0.3 * row_g[r] / np.sqrt(acc[r] + 1e-7)
+  for r, g in _numpy_row_gradients(table, 6):
+    acc[r] += np.mean(g ** 2)
+    table[r] -= 0.3 * g / np.sqrt(acc[r] + 1e-7)
   np.testing.assert_allclose(got, table, rtol=0, atol=1e-5)
   np.testing.assert_allclose(slots["accumulator"], acc, rtol=1e-5)
   assert slots["accumulator"].shape == (ROWS,)  # one value per row
@@ -96,23 +106,17 @@ def test_ftrl_equals_numpy_reference():
   got, slots = _sparse_steps(opt, 6)
   table = np.asarray(_table(), np.float64)
   z, n = np.zeros_like(table), np.full_like(table, 0.1)
-  for ids, weight, target in _batches(6):
-    ids, weight = np.asarray(ids), np.asarray(weight)
-    e = jnp.asarray(table[ids], jnp.float32)
-    g = np.asarray(jax.grad(_loss_of_embeddings)(e, weight, target))
-    row_g = np.zeros_like(table)
-    np.add.at(row_g, ids, g)
-    for r in np.unique(ids[weight > 0]):
-      for j in range(DIM):
-        n_new = n[r, j] + row_g[r, j] ** 2
-        sigma = (np.sqrt(n_new) - np.sqrt(n[r, j])) / lr
-        z[r, j] += row_g[r, j] - sigma * table[r, j]
-        n[r, j] = n_new
-        if abs(z[r, j]) <= l1:
-          table[r, j] = 0.0
-        else:
-          table[r, j] = -(z[r, j] - np.sign(z[r, j]) * l1) / (
-              (beta + np.sqrt(n_new)) / lr + 2 * l2)
+  for r, g in _numpy_row_gradients(table, 6):
+    for j in range(DIM):
+      n_new = n[r, j] + g[j] ** 2
+      sigma = (np.sqrt(n_new) - np.sqrt(n[r, j])) / lr
+      z[r, j] += g[j] - sigma * table[r, j]
+      n[r, j] = n_new
+      if abs(z[r, j]) <= l1:
+        table[r, j] = 0.0
+      else:
+        table[r, j] = -(z[r, j] - np.sign(z[r, j]) * l1) / (
+            (beta + np.sqrt(n_new)) / lr + 2 * l2)
   np.testing.assert_allclose(got, table, rtol=0, atol=1e-5)
   np.testing.assert_allclose(slots["z"], z, rtol=1e-4, atol=1e-6)  # float32 sums
   np.testing.assert_allclose(slots["n"], n, rtol=1e-5)
