@@ -129,11 +129,12 @@ MODES = {
                         "synthetic.num_users": 10_000}),
     # The sparse long-tail log (configs/sparse.py as written: its own steps,
     # validation evals, best-checkpoint test eval), CSCNN against the
-    # no-image model and the baselines, and the cold-start settings.
+    # no-image model (with the config's id dropout, and without) and the
+    # baselines, and CSCNN with the content back-off.
     "sparse": Mode(
         "sparse", seeds=3, dicm_seeds=0, vary_data_seed=False, overrides={},
         dicm_overrides={}, datasets=("sparse",),
-        variants=("no_image", "cscnn", "cscnn_id_dropout", "cscnn_backoff"),
+        variants=("no_image", "no_image_full_ids", "cscnn", "cscnn_backoff"),
         dicm=False, readme_key="sparse"),
 }
 
