@@ -69,11 +69,8 @@ CLAIMS: tuple[tuple[str, ...], ...] = (
     ("images help (CSCNN vs no image)", "cscnn", "no_image"),
     ("images help cold items more (Δ of cold AUC − AUC)", "cscnn",
      "no_image", "cold_gap"),
-    ("CSCNN beats the popularity baseline", "cscnn", "baseline_popularity"),
-    ("CSCNN beats the item-CTR baseline", "cscnn", "baseline_item_ctr"),
-    ("CSCNN beats the user x category baseline", "cscnn",
-     "baseline_user_category"),
-    ("CSCNN beats the ID-only LR baseline", "cscnn", "baseline_id_lr"),
+    *((f"CSCNN beats the {b} baseline", "cscnn", f"baseline_{b}")
+      for b in BASELINES),
     ("images help (CSCNN vs no image without id dropout)", "cscnn",
      "no_image_full_ids"),
     ("content back-off helps", "cscnn_backoff", "cscnn"),

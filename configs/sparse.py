@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # cold items get).
   config.model.id_dropout = 0.5
   config.num_train_steps = 800
-  config.eval_every = 200
-  config.checkpoint_every = 200
+  # Validation eval and checkpoint every 200 steps; the best one is tested.
+  config.eval_every = config.checkpoint_every = 200
   config.log_every = 100
   return configlib.apply_arg(config, arg)  # the arg wins

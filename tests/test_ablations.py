@@ -247,7 +247,7 @@ def test_baselines_appear_once_per_seed_beside_the_models(tmp_path):
   assert "baseline_item_ctr" in results.markdown(result)
   # Baselines are paired with the model run of the same seed.
   claims = {c["claim"]: c for c in result["claims"]}
-  gap = claims["CSCNN beats the item-CTR baseline"]["auc"]
+  gap = claims["CSCNN beats the item_ctr baseline"]["auc"]
   diffs = [0.6 + QUALITY["cscnn"] + 0.002 * s - (0.55 + 0.01 * s)
            for s in seeds]
   assert gap["mean"] == pytest.approx(np.mean(diffs))
