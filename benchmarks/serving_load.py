@@ -6,7 +6,9 @@ r"""Load test of the HTTP scorer (python -m csctr.serve) over loopback.
       --plot=docs/serving_load.png
 
 Starts the server in a subprocess on a free 127.0.0.1 port, then drives it
-with a real HTTP client (aiohttp, keep-alive connections) at increasing
+with a real HTTP client (benchmarks/http_client.py: keep-alive connections,
+httptools parsing, on uvloop; lean so that the server, not the client, gets
+the cores it shares with it) at increasing
 open-loop request rates: request i of a rate R is sent at t0 + i/R whether
 or not earlier ones have returned, and its latency counts from that planned
 time (so a client or server that falls behind shows in the latency instead
@@ -27,6 +29,7 @@ is reported with the results.
 """
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -35,6 +38,8 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+
+from benchmarks import http_client
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (optional).")
@@ -60,12 +65,15 @@ def _default_workdir() -> str:
   from configs import default  # pylint: disable=g-import-not-at-top
   from csctr.serving import export  # pylint: disable=g-import-not-at-top
   from csctr.training import loop  # pylint: disable=g-import-not-at-top
-  workdir = os.path.join(_CACHE.value, "run")
+  config = default.get_config()
+  config.num_train_steps = _TRAIN_STEPS.value
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  # Keyed by the config: a run cached by an older csctr (other fields) is
+  # not served by a newer one.
+  key = hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()
+  workdir = os.path.join(_CACHE.value, f"run-{key[:12]}")
   if not os.path.exists(os.path.join(workdir, export.TABLES_DIR)):
-    config = default.get_config()
-    config.num_train_steps = _TRAIN_STEPS.value
-    config.eval_every = 0
-    config.checkpoint_every = 0
     loop.train_and_evaluate(config, workdir)
     export.export(workdir, progress=False)
   return workdir
@@ -95,44 +103,41 @@ def _bodies(workdir: str, n: int, count: int = 512) -> list[bytes]:
 
 async def _drive(url: str, bodies: list[bytes], rate: float
                  ) -> dict[str, float]:
-  import aiohttp  # pylint: disable=g-import-not-at-top
+  """Open-loop: request i leaves at t0 + i / rate; latency from that time."""
+  host, port = url.split("//")[1].split("/")[0].split(":")
+  client = http_client.Client(host, int(port), "/v1/score",
+                              _CONNECTIONS.value, _TIMEOUT.value)
+  requests = [client.encode(b) for b in bodies]
   count = int(rate * _SECONDS.value)
   latencies, errors = [], 0
-  timeout = aiohttp.ClientTimeout(total=_TIMEOUT.value)
-  connector = aiohttp.TCPConnector(limit=_CONNECTIONS.value)
-  headers = {"Content-Type": "application/json"}
-  async with aiohttp.ClientSession(connector=connector,
-                                   timeout=timeout) as session:
-    for body in bodies[:32]:  # open connections, warm the server
-      async with session.post(url, data=body, headers=headers) as r:
-        await r.read()
+  for request in requests[:32]:  # open connections, warm the server
+    await client.post(request)
 
-    async def one(i: int, planned: float) -> None:
-      nonlocal errors
-      try:
-        async with session.post(url, data=bodies[i % len(bodies)],
-                                headers=headers) as r:
-          await r.read()
-          ok = r.status == 200
-      except (aiohttp.ClientError, asyncio.TimeoutError):
-        ok = False
-      if ok:
-        latencies.append(time.perf_counter() - planned)
-      else:
-        errors += 1
+  async def one(i: int, planned: float) -> None:
+    nonlocal errors
+    try:
+      status, _ = await client.post(requests[i % len(requests)])
+      ok = status == 200
+    except (OSError, asyncio.TimeoutError):
+      ok = False
+    if ok:
+      latencies.append(time.perf_counter() - planned)
+    else:
+      errors += 1
 
-    tasks = []
-    t0 = time.perf_counter()
-    for i in range(count):
-      planned = t0 + i / rate
-      delay = planned - time.perf_counter()
-      if delay > 0:
-        await asyncio.sleep(delay)
-      tasks.append(asyncio.create_task(one(i, planned)))
-    done, pending = await asyncio.wait(tasks, timeout=_DRAIN.value)
-    for task in pending:
-      task.cancel()
-    elapsed = time.perf_counter() - t0
+  tasks = []
+  t0 = time.perf_counter()
+  for i in range(count):
+    planned = t0 + i / rate
+    delay = planned - time.perf_counter()
+    if delay > 0:
+      await asyncio.sleep(delay)
+    tasks.append(asyncio.create_task(one(i, planned)))
+  _, pending = await asyncio.wait(tasks, timeout=_DRAIN.value)
+  for task in pending:
+    task.cancel()
+  elapsed = time.perf_counter() - t0
+  client.close()
   lat = np.asarray(latencies) * 1e3
   return {"target_rps": rate,
           "achieved_rps": round(len(latencies) / elapsed, 1),
@@ -141,6 +146,14 @@ async def _drive(url: str, bodies: list[bytes], rate: float
           "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else
                     None,
           "errors": errors + len(pending), "requests": count}
+
+
+def _run_loop(coroutine):
+  try:
+    import uvloop  # pylint: disable=g-import-not-at-top
+    return uvloop.run(coroutine)
+  except ImportError:  # optional (not on Windows)
+    return asyncio.run(coroutine)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -186,7 +199,7 @@ def main(argv):
   try:
     for rate in (float(r) for r in _RATES.value):
       server_cpu, client_cpu = _cpu_seconds(proc.pid), time.process_time()
-      result = asyncio.run(_drive(base + "/v1/score", bodies, rate))
+      result = _run_loop(_drive(base + "/v1/score", bodies, rate))
       # CPU per answered request: what the load would cost on idle cores.
       done = max(result["requests"] - result["errors"], 1)
       result["server_cpu_ms"] = round(

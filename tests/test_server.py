@@ -224,6 +224,28 @@ def test_bad_requests_get_a_4xx_naming_the_field(url, body, status, names):
   assert names in out["error"]["message"]
 
 
+def test_a_bad_request_in_a_merged_batch_fails_alone(url):
+  # Ids are mapped once per feature for a whole merged batch; one request
+  # whose ids cannot be mapped must get its 400 and leave the others scored
+  # as if alone. "01" is not canonical: int() maps it (slow path) to row 1.
+  good = [_request(n=3 + k, position=[1] * (3 + k)) for k in range(6)]
+  bad = _request(position=[1, "p1", 1])
+  alone = [_score(url, r)["logits"] for r in good]
+  requests = good[:3] + [bad] + good[3:] + [_request(position=["01"] * 3)]
+  with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+    answers = list(pool.map(
+        lambda r: Client(url).call("POST", "/v1/score", r), requests))
+  status, out = answers.pop(3)
+  assert status == 400 and out["error"]["message"].startswith(
+      "candidates.position: this model has no vocabulary")
+  status, out = answers.pop()
+  assert status == 200
+  np.testing.assert_allclose(out["logits"], alone[0], atol=ATOL)
+  for (status, out), want in zip(answers, alone):
+    assert status == 200
+    np.testing.assert_allclose(out["logits"], want, atol=ATOL)
+
+
 def test_routes_auth_and_broken_http(url):
   c = Client(url)
   assert c.call("POST", "/v1/score", _request(), token=None)[0] == 401

@@ -60,3 +60,47 @@ def test_save_load_round_trip_and_errors_name_the_line(tmp_path):
   with pytest.raises(ValueError, match="tab"):
     vocab_lib.Vocabulary.build("f", {"a\tb": 3}).save(str(tmp_path / "f.tsv"))
   assert vocab_lib.load_vocabularies(str(tmp_path / "none")) == {}
+
+
+def _canonical(values):
+  """The reference: every value is what str(int) writes, inside int64.
+
+  (+-(2^63 - 1) are left to the slow path: np.fromstring saturates to them.)
+  """
+  try:
+    return all(str(int(v)) == v and abs(int(v)) < 2**63 - 1 for v in values)
+  except ValueError:
+    return False
+
+
+def test_decimal_ids_parses_exactly_the_canonical_integers():
+  rng = np.random.default_rng(0)
+  odd = ["007", "+7", " 7", "7 ", "-0", "", "1 2", "1.5", "abc", "1\n",
+         "\u0663", "9223372036854775807", "9999999999999999999",
+         "99999999999999999999", "-9223372036854775807",
+         "-9223372036854775808", "0x10"]
+  for _ in range(3000):
+    values = []
+    for _ in range(rng.integers(0, 12)):
+      if rng.random() < 0.1:
+        values.append(odd[rng.integers(len(odd))])
+      else:
+        digits = int(rng.integers(1, 19))
+        values.append(str(int(rng.integers(-10**digits, 10**digits))))
+    got = vocab_lib.decimal_ids(values)
+    if _canonical(values):
+      assert got is not None and got.tolist() == [int(v) for v in values]
+    else:
+      assert got is None, values
+
+
+@pytest.mark.parametrize("hash_buckets", [0, 5])
+@pytest.mark.parametrize("ids", [["3", "10", "-4", "250"],
+                                 ["3", "a", "10", "007"]])
+def test_lookup_int_index_equals_the_row_by_row_rule(ids, hash_buckets):
+  # "007" is kept as a string id: "7" must not find it, "007" must.
+  counts = {k: i + 1 for i, k in enumerate(ids)}
+  v = vocab_lib.Vocabulary.build("f", counts, hash_buckets=hash_buckets)
+  queries = ["3", "10", "-4", "250", "7", "007", "a", "11", "99", "3"]
+  for q in (queries, [q for q in queries if _canonical([q])]):
+    np.testing.assert_array_equal(v.lookup(q), [v.row(x) for x in q])

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from csctr.model import attention as attention_lib
+from csctr.model import conv as conv_lib
 
 BACKBONE_CHOICES = ("small", "cnnf", "resnet18")
 
@@ -70,11 +71,17 @@ class SmallCNN(nnx.Module):
     kw = dict(dtype=dtype, rngs=rngs)
     self.convs, self.attns, pools = nnx.List(), nnx.List(), []
     size, c_in = image_size, 3
+    # On CPU the 3x3 convs run as one matmul each (csctr/model/conv.py):
+    # XLA:CPU's own small convs, and above all their gradients, are slower
+    # (1.45x on the K=1 train step, docs/performance.md). Same parameters
+    # and equations either way; accelerators keep their native convs.
+    conv_fn = (conv_lib.im2col_conv_general_dilated
+               if jax.default_backend() == "cpu" else
+               jax.lax.conv_general_dilated)
     for i, c in enumerate(channels):
-      # Plain lax.conv: csctr/model/conv.py's im2col is faster on CPU
-      # (docs/performance.md) but not enabled, see its docstring.
       self.convs.append(nnx.Conv(c_in, c, (3, 3), padding="SAME",
-                                 kernel_init=_HE, **kw))
+                                 kernel_init=_HE, conv_general_dilated=conv_fn,
+                                 **kw))
       self.attns.append(spec.make(c, size, size, **kw))
       # Pool after every layer but the last while the map can still shrink.
       pool = i < len(channels) - 1 and size > 1

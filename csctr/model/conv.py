@@ -19,13 +19,10 @@ plugs into nnx.Conv(conv_general_dilated=...) without changing the layer's
 parameters (checkpoints are unaffected); convolutions it does not cover
 (strides, dilations, groups, other layouts) go to lax.conv_general_dilated.
 
-Not wired into SmallCNN yet: tests/test_models.py counts the model's
-conv_general_dilated ops to check that the CNN runs once per unique image,
-and im2col turns the CNN's convs into dot_generals. Writing the matmul as a
-1x1 convolution instead keeps that count but is 3x slower than lax.conv on
-XLA:CPU (it stays a convolution). Enabling it (measured 1.2x on the whole
-step, docs/performance.md) needs that test to count dot_generals over U
-rows too: a decision for the model tests' owner.
+SmallCNN uses it on CPU (csctr/model/backbones.py); tests/test_models.py
+counts its matmuls over U rows like convs, to check that the CNN still runs
+once per unique image. Writing the matmul as a 1x1 convolution instead was
+3x slower than lax.conv on XLA:CPU (it stays a convolution).
 """
 
 from __future__ import annotations

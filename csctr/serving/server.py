@@ -45,6 +45,7 @@ from csctr.serving import schema
 from csctr.serving import scorer as scorer_lib
 from csctr.serving import table as table_lib
 from csctr.serving.batcher import MicroBatcher
+from csctr.serving.version import Version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,65 +62,6 @@ class ServerConfig:
   auth_token: str | None = None
   fallback: str = "cnn"
   allow_other_checkpoint: bool = False
-
-
-class Version:
-  """One servable model: head + table + vocabularies, immutable."""
-
-  def __init__(self, scorer: scorer_lib.Scorer,
-               vocabs: dict[str, vocab_lib.Vocabulary], item_feature: str):
-    self.scorer, self.vocabs, self.item_feature = scorer, vocabs, item_feature
-    self.model_version = str(scorer.step)
-    self.table_version = (os.path.basename(os.path.normpath(scorer.table.path))
-                          if scorer.table is not None else "none")
-    table = scorer.table
-    self.key = (scorer.step, table.path if table else None,
-                table_lib.created_time(table.path) if table else None)
-
-  def _rows(self, name: str, values: list[str], field: str) -> np.ndarray:
-    vocab = self.vocabs.get(name)
-    if vocab is not None:
-      return np.asarray(vocab.lookup(values), np.int64)
-    try:  # no vocabulary saved for it: the ids are the rows
-      return np.fromiter(map(int, values), np.int64, len(values))
-    except ValueError as e:
-      raise schema.BadRequest(400, f"{field}: this model has no vocabulary "
-                              f"for {name!r}, so its ids must be integer "
-                              "rows") from e
-
-  def _scorer_request(self, r: schema.ParsedRequest) -> dict[str, Any]:
-    cands = {name: self._rows(name, col, f"candidates.{name}")
-             for name, col in r.columns.items()}
-    user = {name: int(self._rows(name, [v], f"user.{name}")[0])
-            for name, v in r.user.items()}
-    request = {"user": user, "candidates": cands}
-    if self.scorer.table is not None:
-      cands["image_id"] = self.scorer.table.raw_keys(r.items)
-      request["behavior_ids"] = self.scorer.table.raw_keys(r.behaviors)
-    if r.dense is not None:
-      cands["dense"] = r.dense
-    if r.images:
-      size = self.scorer.info.image_size
-      images = np.zeros((r.n, size, size, 3), np.uint8)
-      mask = np.zeros(r.n, bool)
-      for i, pixels in r.images.items():
-        images[i], mask[i] = pixels, True
-      cands["images"], cands["image_mask"] = images, mask
-    return request
-
-  def score_batch(self, requests: list[schema.ParsedRequest]) -> list[Any]:
-    """Per request a response dict or the BadRequest it raised."""
-    out: list[Any] = [None] * len(requests)
-    valid, prepared = [], []
-    for i, r in enumerate(requests):
-      try:
-        prepared.append(self._scorer_request(r))
-        valid.append(i)
-      except schema.BadRequest as e:
-        out[i] = e
-    for i, result in zip(valid, self.scorer.score_many(prepared)):
-      out[i] = (result, self)
-    return out
 
 
 class Service:

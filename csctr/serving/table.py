@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from csctr import storage
+from csctr.data import vocab as vocab_lib
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -83,6 +84,9 @@ class EmbeddingTable:
     if not len(raw_ids):
       return np.zeros((0,), np.int64)
     if self.raw_ids is None:
+      keys = vocab_lib.decimal_ids(list(raw_ids))
+      if keys is not None:
+        return keys
       try:
         return np.fromiter(map(int, raw_ids), np.int64, len(raw_ids))
       except ValueError:  # some ids are not integers: one by one
