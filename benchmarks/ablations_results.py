@@ -349,7 +349,8 @@ def readme_table(rows: list[dict[str, Any]]) -> str:
     cells = []
     for d in datasets:
       if v == "bayes":
-        ref = next(r for r in rows if r["dataset"] == d)
+        ref = next(r for r in rows if r["dataset"] == d  # a model row
+                   and not r["variant"].startswith("baseline_"))
         cold = ref.get("bayes_auc_cold", empty)
         cells += [_fmt(dict(ref["bayes_auc"], std=float("nan")), 3),
                   _fmt(dict(cold, std=float("nan")), 3)]

@@ -269,3 +269,17 @@ def test_sparse_mode_runs_its_own_grid_and_readme_table(tmp_path):
   assert results.update_readme(str(readme), "T", "sparse")
   assert readme.read_text() == (f"{results.README_BEGIN}\nA\n"
                                 f"{results.README_END}\n{begin}\nT\n{end}\n")
+  # Baselines lead the table; the Bayes row comes from a model row.
+  nan = {"mean": float("nan"), "std": float("nan")}
+  rows = [{"dataset": "sparse", "variant": "baseline_id_lr",
+           "auc": {"mean": 0.59, "std": 0.0},
+           "cold_auc": {"mean": 0.58, "std": 0.0}, "bayes_auc": nan,
+           "bayes_auc_cold": nan},
+          {"dataset": "sparse", "variant": "cscnn",
+           "auc": {"mean": 0.6, "std": 0.01},
+           "cold_auc": {"mean": 0.61, "std": 0.01},
+           "bayes_auc": {"mean": 0.79, "std": 0.0},
+           "bayes_auc_cold": {"mean": 0.8, "std": 0.0}}]
+  lines = results.readme_table(rows).splitlines()
+  assert lines[2] == "| baseline_id_lr | 0.590 ± 0.000 | 0.580 ± 0.000 |"
+  assert lines[-1] == "| Bayes-optimal | 0.790 | 0.800 |"

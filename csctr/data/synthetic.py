@@ -191,7 +191,7 @@ class ImpressionSimulator:
   def _draw_items(self, rng, split, start, end):
     """Items of impressions start..end: popularity draws (a subclass may
     schedule them instead, csctr/data/sparse_log.py)."""
-    del start  # every draw is independent of time within a split
+    # Every draw is independent of time within a split.
     return np.searchsorted(self._cdf[split],
                            rng.random(end - start)).astype(np.int32)
 
