@@ -176,13 +176,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   # ID tables: updated on the rows a batch touches only, by one of
-  # sgd | adagrad | rowwise_adagrad | lazy_adam (csctr/model/embeddings.py).
+  # sgd | adagrad | rowwise_adagrad | lazy_adam | ftrl
+  # (csctr/model/embeddings.py).
   config.optim.embed_optimizer = "adagrad"
   config.optim.embed_lr = 0.05
-  config.optim.embed_initial_accumulator = 0.1  # adagrad, rowwise_adagrad
+  config.optim.embed_initial_accumulator = 0.1  # adagrad, rowwise_adagrad, ftrl
   config.optim.embed_eps = 1e-7  # adagrad: under the sqrt; lazy_adam: added
   config.optim.embed_b1 = 0.9  # lazy_adam
   config.optim.embed_b2 = 0.999  # lazy_adam
+  config.optim.embed_l1 = 0.0  # ftrl
+  config.optim.embed_l2 = 0.0  # ftrl
+  config.optim.embed_beta = 0.0  # ftrl
   config.optim.dense_optimizer = "adamw"  # adamw | adam | sgd
   config.optim.lr = 2e-3
   config.optim.weight_decay = 1e-4

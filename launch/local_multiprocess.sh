@@ -6,9 +6,9 @@
 #
 # Starts N copies of the normal entry point (python -m csctr.main ARGS), each
 # with its own CPU devices, joined by jax.distributed with process 0 as the
-# coordinator on 127.0.0.1. Each global batch is the concatenation of the N
-# processes' batches (Grain shards the data by process), so a config's
-# groups_per_batch and unique_images are global sizes, divisible by N.
+# coordinator on 127.0.0.1. Global batch i is the same for any N: each
+# process builds the blocks of it that its devices hold (csctr/data/pipeline.py);
+# groups_per_batch and unique_images are global sizes, divisible over 'data'.
 # Output lines are prefixed with [process index]; only process 0 logs INFO.
 #
 # Settings from the environment (defaults in brackets):

@@ -108,6 +108,18 @@ def test_conv_to_one_map_is_a_same_conv(k):
   if k % 2:
     np.testing.assert_allclose(got, _conv_same(x, kernel, 0.0), rtol=1e-5,
                                atol=1e-5)
+  # Its own VJP (planes + matmuls) equals the conv's, both gradients.
+  def loss(conv):
+    return lambda a, b: jnp.sum(jnp.sin(conv(a, b)))
+  args = (jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+  lax_conv = lambda a, b: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
+      a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  want = jax.grad(loss(lax_conv), argnums=(0, 1))(*args)
+  got = jax.jit(jax.grad(loss(attention.conv_to_one_map), argnums=(0, 1)))(
+      *args)
+  for g, r in zip(got, want):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", attention.ATTENTION_CHOICES)

@@ -68,24 +68,61 @@ def test_sparse_path_equals_dense_optax(kind, tx):
   assert np.abs(sparse[:8] - _table()[:8]).max() > 1e-2  # rows did move
 
 
+def _numpy_row_gradients(table: np.ndarray, steps: int):
+  """(row, its summed gradient) per touched row of each batch, in numpy.
+
+  Each batch's gradients are taken at the table as the caller left it after
+  the previous batch; rows of padding impressions only are not touched.
+  """
+  for ids, weight, target in _batches(steps):
+    ids, weight = np.asarray(ids), np.asarray(weight)
+    e = jnp.asarray(table[ids], jnp.float32)
+    g = np.asarray(jax.grad(_loss_of_embeddings)(e, weight, target))
+    row_g = np.zeros_like(table)
+    np.add.at(row_g, ids, g)
+    for r in np.unique(ids[weight > 0]):
+      yield r, row_g[r]
+
+
 def test_rowwise_adagrad_equals_numpy_reference():
   opt = embeddings.RowOptimizer("rowwise_adagrad", lr=0.3,
                                 initial_accumulator=0.1, eps=1e-7)
   got, slots = _sparse_steps(opt, 6)
   table = np.asarray(_table(), np.float64)
   acc = np.full(ROWS, 0.1)
-  for ids, weight, target in _batches(6):
-    ids, weight = np.asarray(ids), np.asarray(weight)
-    e = jnp.asarray(table[ids], jnp.float32)
-    g = np.asarray(jax.grad(_loss_of_embeddings)(e, weight, target))
-    row_g = np.zeros_like(table)
-    np.add.at(row_g, ids, g)
-    for r in np.unique(ids[weight > 0]):  # rows of real impressions only
-      acc[r] += np.mean(row_g[r] ** 2)
-      table[r] -= 0.3 * row_g[r] / np.sqrt(acc[r] + 1e-7)
+  for r, g in _numpy_row_gradients(table, 6):
+    acc[r] += np.mean(g ** 2)
+    table[r] -= 0.3 * g / np.sqrt(acc[r] + 1e-7)
   np.testing.assert_allclose(got, table, rtol=0, atol=1e-5)
   np.testing.assert_allclose(slots["accumulator"], acc, rtol=1e-5)
   assert slots["accumulator"].shape == (ROWS,)  # one value per row
+
+
+def test_ftrl_equals_numpy_reference():
+  """FTRL-Proximal per coordinate (McMahan et al. 2013), touched rows only."""
+  lr, l1, l2, beta = 0.3, 2.0, 0.01, 1.0
+  opt = embeddings.RowOptimizer("ftrl", lr=lr, initial_accumulator=0.1,
+                                l1=l1, l2=l2, beta=beta)
+  got, slots = _sparse_steps(opt, 6)
+  table = np.asarray(_table(), np.float64)
+  z, n = np.zeros_like(table), np.full_like(table, 0.1)
+  for r, g in _numpy_row_gradients(table, 6):
+    for j in range(DIM):
+      n_new = n[r, j] + g[j] ** 2
+      sigma = (np.sqrt(n_new) - np.sqrt(n[r, j])) / lr
+      z[r, j] += g[j] - sigma * table[r, j]
+      n[r, j] = n_new
+      if abs(z[r, j]) <= l1:
+        table[r, j] = 0.0
+      else:
+        table[r, j] = -(z[r, j] - np.sign(z[r, j]) * l1) / (
+            (beta + np.sqrt(n_new)) / lr + 2 * l2)
+  np.testing.assert_allclose(got, table, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(slots["z"], z, rtol=1e-4, atol=1e-6)  # float32 sums
+  np.testing.assert_allclose(slots["n"], n, rtol=1e-5)
+  zeros = np.asarray(got[:8]) == 0  # l1 zeroes coordinates exactly
+  assert zeros.any() and not zeros.all()
+  np.testing.assert_array_equal(got[8:], _table()[8:])  # never touched
 
 
 def test_lazy_adam_equals_adam_when_every_row_is_touched():
@@ -166,6 +203,40 @@ def test_padded_rows():
   assert embeddings.padded_rows(5, 1) == 5
   with pytest.raises(ValueError, match="table_row_multiple"):
     embeddings.padded_rows(5, 0)
+
+
+def test_table_init_of_a_small_table_is_nnx_embeds_own():
+  """Tables up to ONE_SHOT_ENTRIES keep the values nnx.Embed always drew."""
+  from flax import nnx
+  key = jax.random.key(3)
+  ours = nnx.Embed(640, 16, rngs=nnx.Rngs(params=key), embedding_init=(
+      lambda k, s, d: embeddings.table_init(k, s, d, groups=64)))
+  theirs = nnx.Embed(640, 16, rngs=nnx.Rngs(params=key))
+  np.testing.assert_array_equal(ours.embedding[...], theirs.embedding[...])
+
+
+def test_table_init_row_by_row(monkeypatch):
+  """Above the threshold row r comes from fold_in(key, r) alone.
+
+  So the values do not depend on the grouping (the row-sharding layout) nor
+  on the chunk size, and every row has nnx.Embed's N(0, 1/d) law.
+  """
+  monkeypatch.setattr(embeddings, "ONE_SHOT_ENTRIES", 0)
+  key, shape = jax.random.key(5), (3 * 64 * 7, 8)
+  tables = []
+  for groups, chunk_entries in [(1, 10**9), (64, 64 * 8 * 5), (3, 8 * 4)]:
+    monkeypatch.setattr(embeddings, "CHUNK_ENTRIES", chunk_entries)
+    tables.append(np.asarray(jax.jit(
+        lambda k: embeddings.table_init(k, shape, groups=groups))(key)))
+  np.testing.assert_array_equal(tables[0], tables[1])
+  np.testing.assert_array_equal(tables[0], tables[2])
+  for r in (0, 1, 777, shape[0] - 1):
+    row = jax.random.normal(jax.random.fold_in(key, r), (shape[1],))
+    np.testing.assert_allclose(tables[0][r], row / np.sqrt(shape[1]),
+                               rtol=1e-6)
+  assert len(np.unique(tables[0][:, 0])) == shape[0]
+  assert abs(tables[0].std() * np.sqrt(shape[1]) - 1) < 0.02
+  assert abs(tables[0].mean()) < 0.01
 
 
 def test_unknown_optimizer_is_an_error():

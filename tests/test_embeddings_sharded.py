@@ -31,6 +31,10 @@ from csctr.training import mesh as mesh_lib
 from csctr.training import steps as steps_lib
 
 rows = int(sys.argv[1])
+# Tables drawn row by row in small chunks (as a 10^8-row table is), so the
+# init program's memory and collectives can be checked at this size.
+from csctr.model import embeddings
+embeddings.ONE_SHOT_ENTRIES, embeddings.CHUNK_ENTRIES = 0, 1 << 14
 COLLECTIVE = re.compile(
     r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
     r"collective-permute|collective-broadcast)(-start)?\(")
@@ -76,8 +80,15 @@ for name, shape, shard, axes, opt in [
            for k, v in local.items()}
   state = abstract(steps.abstract, steps.shardings)
   table = steps.shardings["params"]["id_embed"]["item_id"]["embedding"]
+  init = jax.jit(steps.init_fn, out_shardings=steps.shardings).lower().compile()
+  drawn = init()["params"]["id_embed"]["item_id"]["embedding"].get_value()
   results[name] = {
       "table_spec": [str(a) for a in table.get_value().spec],
+      "init": collectives(init.as_text()),
+      "init_temp_bytes": init.memory_analysis().temp_size_in_bytes,
+      "table_shard_bytes": drawn.addressable_shards[0].data.nbytes,
+      "table_sum": float(np.asarray(drawn, np.float64).sum()),
+      "table_head": np.asarray(drawn[:3]).tolist(),
       "train": collectives(
           steps.train_step.lower(state, batch).compile().as_text()),
       "eval": collectives(
@@ -128,6 +139,20 @@ def test_no_table_sized_collective(hlo_collectives, mesh, step):
   entries = hlo_collectives[mesh][step]
   assert entries, "a multi-device step without any collective?"
   assert not _table_sized(entries), _table_sized(entries)
+
+
+@pytest.mark.parametrize("mesh", ["dp8", "dp4_mp2", "all8"])
+def test_table_init_stays_in_its_shards(hlo_collectives, mesh):
+  """Huge tables are drawn in place, each shard its rows (table_init).
+
+  No table-sized collective, temporaries far below a shard, and the same
+  values whatever the mesh (replicated dp8 is the single-device draw).
+  """
+  r = hlo_collectives[mesh]
+  assert not _table_sized(r["init"]), _table_sized(r["init"])
+  assert r["init_temp_bytes"] < r["table_shard_bytes"] / 2, r
+  assert r["table_sum"] == hlo_collectives["dp8"]["table_sum"]
+  assert r["table_head"] == hlo_collectives["dp8"]["table_head"]
 
 
 def test_tables_are_sharded_as_configured(hlo_collectives):

@@ -1,4 +1,4 @@
-"""One global data order: 1 process, 2 processes, and a resume across counts agree.
+"""One global data order: 1, 2 and 4 processes, and a resume across counts agree.
 
 launch/local_multiprocess.sh N runs the normal entry point as N CPU processes
 joined by jax.distributed. Global batch i is a function of the config and the
@@ -8,7 +8,8 @@ its devices hold. So, with the same arguments:
 - 2 processes x 4 devices on a (data=4, model=2) mesh whose 'model' axis
   spans the two processes (each process feeds all four 'data' blocks, as
   replica hosts must) train as 1 process on 1 device: the same evals and
-  parameters up to float reduction order;
+  parameters up to float reduction order; so do 4 processes x 1 device
+  (each process one quarter of each global batch);
 - a 2-process run killed inside a save, resumed as 1 process, ends where an
   uninterrupted run ends: no batch skipped or repeated.
 
@@ -39,10 +40,20 @@ SCRIPT = ROOT / "launch" / "local_multiprocess.sh"
 STEPS = 12
 OVERRIDES = (f"--config.num_train_steps={STEPS}", "--config.eval_every=6",
              "--config.checkpoint_every=6", "--config.log_every=6")
-# 'model' = 2 across the two processes, ID tables row-sharded over it.
-MODEL_ACROSS = ("--config.mesh.shape=(4,2)",
-                "--config.mesh.model_across_processes=True",
-                "--config.mesh.shard_embeddings=True")
+# Multi-process layouts that must train as 1 process on 1 device:
+# name -> (processes, CPU devices per process, extra flags, log patterns).
+LAYOUTS = {
+    # 'model' = 2 across the two processes, ID tables row-sharded over it.
+    "2x4": (2, 4, ("--config.mesh.shape=(4,2)",
+                   "--config.mesh.model_across_processes=True",
+                   "--config.mesh.shard_embeddings=True"),
+            (re.escape("mesh {'data': 4, 'model': 2}"),
+             # An ID table row-sharded over the 'model' axis that spans
+             # the processes.
+             r"sharding \S*embed\S* \(.*\) -> (PartitionSpec|P)\('model'")),
+    # Four processes, one device each: four hosts' slices of each batch.
+    "4x1": (4, 1, (), (re.escape("mesh {'data': 4, 'model': 1}"),)),
+}
 
 
 def _env(cache_dir: str, devices: int = 1) -> dict[str, str]:
@@ -95,7 +106,8 @@ def _position(workdir: pathlib.Path, step: int) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def setup(tmp_path_factory):
+  """(directory, compile cache, shared arguments); the data prepared once."""
   out = tmp_path_factory.mktemp("multiprocess")
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
       tempfile.gettempdir(), "csctr-test-jax-cache")
@@ -104,12 +116,31 @@ def runs(tmp_path_factory):
   pipeline.prepare_dataset(config)  # once, before every run reads it
   args = ["--config=configs/tiny.py", f"--config.data_dir={config.data_dir}",
           *OVERRIDES]
-  # The 8-device run alone (a starved process can miss the coordination
-  # service's heartbeats), then the two small ones side by side.
-  multi = subprocess.run(
-      ["bash", str(SCRIPT), "2", f"--workdir={out / 'multi'}", *args,
-       *MODEL_ACROSS], cwd=ROOT, env=_env(cache, devices=4),
+  return out, cache, args
+
+
+@pytest.fixture(scope="module",
+                params=["2x4", pytest.param("4x1", marks=pytest.mark.slow)])
+def multi(request, setup):
+  """One LAYOUTS run, alone (a starved process can miss the coordination
+  service's heartbeats)."""
+  out, cache, args = setup
+  processes, devices, extra, _ = LAYOUTS[request.param]
+  workdir = out / request.param
+  proc = subprocess.run(
+      ["bash", str(SCRIPT), str(processes), f"--workdir={workdir}", *args,
+       *extra], cwd=ROOT, env=_env(cache, devices=devices),
       capture_output=True, text=True, timeout=1000)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 0, log[-4000:]
+  return {"name": request.param, "dir": workdir, "processes": processes,
+          "log": log}
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+  """The 1-process reference, and a 2-process run killed and resumed as 1."""
+  out, cache, args = setup
   single = subprocess.Popen(
       [sys.executable, "-m", "csctr.main", f"--workdir={out / 'single'}",
        *args], cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
@@ -121,7 +152,6 @@ def runs(tmp_path_factory):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   killed_log, _ = killed.communicate(timeout=1000)
   _, single_err = single.communicate(timeout=1000)
-  assert multi.returncode == 0, (multi.stdout + multi.stderr)[-4000:]
   assert single.returncode == 0, single_err[-4000:]
   assert killed.returncode != 0, killed_log[-4000:]
   assert (out / "elastic" / "checkpoints").is_dir(), killed_log[-4000:]
@@ -133,26 +163,23 @@ def runs(tmp_path_factory):
        *args], cwd=ROOT, env=_env(cache), capture_output=True, text=True,
       timeout=1000)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
-  return {"dir": out, "multi_log": multi.stdout + multi.stderr,
-          "committed_when_killed": committed, "resumed_log": resumed.stderr}
+  return {"dir": out, "committed_when_killed": committed,
+          "resumed_log": resumed.stderr}
 
 
-def test_model_axis_across_two_processes_matches_one_process(runs):
-  out, log = runs["dir"], runs["multi_log"]
-  _assert_same_training(out / "multi", out / "single")
-  assert "mesh {'data': 4, 'model': 2}" in log
-  # An ID table is row-sharded over the 'model' axis that spans processes.
-  assert re.search(r"sharding \S*embed\S* \(.*\) -> (PartitionSpec|P)\('model'",
-                   log), log[-3000:]
+def test_processes_match_one_process(multi, runs):
+  _assert_same_training(multi["dir"], runs["dir"] / "single")
+  for pattern in LAYOUTS[multi["name"]][3]:
+    assert re.search(pattern, multi["log"]), (pattern, multi["log"][-3000:])
 
 
-def test_every_process_saves_the_one_global_position(runs):
-  out = runs["dir"]
+def test_every_process_saves_the_one_global_position(multi, runs):
+  n = multi["processes"]
   for step in (6, STEPS):
     want = {"process_0-of-1.json": {"next_index": step}}
-    assert _position(out / "single", step) == want
-    assert _position(out / "multi", step) == {
-        f"process_{i}-of-2.json": {"next_index": step} for i in range(2)}
+    assert _position(runs["dir"] / "single", step) == want
+    assert _position(multi["dir"], step) == {
+        f"process_{i}-of-{n}.json": {"next_index": step} for i in range(n)}
 
 
 def test_two_process_checkpoint_resumes_as_one_process(runs):
@@ -167,14 +194,15 @@ def test_two_process_checkpoint_resumes_as_one_process(runs):
   _assert_same_training(out / "elastic", out / "single")
 
 
-def test_process_0_alone_logs(runs):
-  out, log = runs["dir"], runs["multi_log"]
+def test_process_0_alone_logs(multi):
+  log, n = multi["log"], multi["processes"]
   assert re.search(r"^\[0\] I.*eval test step 12", log, re.M)
-  assert re.search(r"^\[0\] I.*process 0/2", log, re.M)
-  # Process 1 ran (it joined the Gloo group) but logged nothing at INFO.
-  assert re.search(r"^\[1\] ", log, re.M)
-  assert not re.search(r"^\[1\] I\d{4}", log, re.M), log[-3000:]
-  assert len(list((out / "multi").glob("events.out.tfevents*"))) == 1
+  assert re.search(rf"^\[0\] I.*process 0/{n}", log, re.M)
+  for i in range(1, n):
+    # Process i ran (it joined the Gloo group) but logged nothing at INFO.
+    assert re.search(rf"^\[{i}\] ", log, re.M)
+    assert not re.search(rf"^\[{i}\] I\d{{4}}", log, re.M), log[-3000:]
+  assert len(list(multi["dir"].glob("events.out.tfevents*"))) == 1
 
 
 def test_dry_run_prints_one_command_per_process():

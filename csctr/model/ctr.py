@@ -24,6 +24,7 @@ A row with every behaviour masked pools to zeros.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from flax import nnx
@@ -145,10 +146,14 @@ class CTRModel(nnx.Module):
     # are cast (nnx.Embed(dtype=bf16) would cast the whole table every step).
     # Rows padded to config.table_row_multiple so that sharded tables split
     # evenly (csctr/model/embeddings.py); padding rows are never looked up.
+    # Drawn by embeddings.table_init: as nnx.Embed's own init, but row by
+    # row for huge tables (bounded memory, each shard in place).
+    init = functools.partial(embeddings.table_init,
+                             groups=config.table_row_multiple)
     self.id_embed = nnx.Dict({
         name: nnx.Embed(
             embeddings.padded_rows(vocab, config.table_row_multiple),
-            config.embed_dim, rngs=rngs)
+            config.embed_dim, embedding_init=init, rngs=rngs)
         for name, vocab in zip(info.sparse_features, info.vocab_sizes)})
     in_dim = len(info.sparse_features) * config.embed_dim + info.num_dense
     encoder = pooling_module = None

@@ -32,6 +32,14 @@ Optimizers (config.optim.embed_optimizer), all on the touched rows only:
   lazy_adam        Adam moments of touched rows only, bias-corrected with
                    the global step (TF's LazyAdam); equals optax.adam when
                    every row is touched every step.
+  ftrl             FTRL-Proximal (McMahan et al., KDD 2013; TF's Ftrl with
+                   learning_rate_power -0.5): n' = n + g^2,
+                   z += g - (sqrt(n') - sqrt(n)) / lr * w,
+                   w = 0 if |z| <= l1 else
+                       -(z - sign(z) l1) / ((beta + sqrt(n')) / lr + 2 l2).
+                   w is a function of z: as in TF, a row's initial value
+                   is replaced at its first update (n starts at
+                   initial_accumulator, z at 0); l1 > 0 zeroes rows.
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ Slots = dict[str, jax.Array]
 
 # Optimizer -> its slots, each shaped like the table or ([rows]) per row.
 SLOTS = {"sgd": (), "adagrad": ("accumulator",),
-         "rowwise_adagrad": ("accumulator",), "lazy_adam": ("m", "v")}
+         "rowwise_adagrad": ("accumulator",), "lazy_adam": ("m", "v"),
+         "ftrl": ("z", "n")}
 OPTIMIZERS = tuple(SLOTS)
 
 
@@ -78,6 +87,55 @@ def padded_rows(vocab_size: int, multiple: int) -> int:
   if multiple < 1:
     raise ValueError(f"model.table_row_multiple={multiple} must be >= 1")
   return -(-int(vocab_size) // multiple) * multiple
+
+
+# nnx.Embed's initializer: N(0, 1/d) per entry, whatever the row count.
+_EMBED_INIT = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                   out_axis=0)
+# Tables up to this many entries are drawn in one call, exactly as nnx.Embed
+# draws them; larger ones row by row in a loop (table_init).
+ONE_SHOT_ENTRIES = 1 << 24
+CHUNK_ENTRIES = 1 << 22  # entries drawn per loop step, all groups together
+
+
+def table_init(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32,
+               *, groups: int = 1) -> jax.Array:
+  """nnx.Embed's N(0, 1/d) table init, with bounded memory for huge tables.
+
+  One call draws a [rows, d] table through threefry bits, uniforms and
+  erfinv, which XLA on CPU keeps as ~3 table-sized temporaries: 10^8 x 16
+  rows (6.4 GB) needed ~25 GB. Up to ONE_SHOT_ENTRIES entries the table is
+  drawn as nnx.Embed draws it (same values as ever); above, row r is drawn
+  from fold_in(key, r), so its values depend on the seed and r only (not on
+  the device count or the chunking), and a loop fills CHUNK_ENTRIES entries
+  per step into the table viewed as [groups, rows / groups, d]. `groups`
+  (model.table_row_multiple, which always divides the padded rows) is the
+  dim that row sharding splits: every device fills its own rows in place,
+  with no full-table temporary nor any table on one device.
+  """
+  rows, dim = shape
+  if rows * dim <= ONE_SHOT_ENTRIES:
+    return _EMBED_INIT(key, shape, dtype)
+  groups = groups if groups >= 1 and rows % groups == 0 else 1
+  per = rows // groups
+  chunk = max(1, min(per, CHUNK_ENTRIES // (groups * dim)))
+  draw_row = lambda r: _EMBED_INIT(jax.random.fold_in(key, r), (1, dim),
+                                   dtype)[0]
+
+  def fill(i, table):
+    start = jnp.minimum(i * chunk, per - chunk)  # the last chunk overlaps
+    ids = (jnp.arange(groups, dtype=jnp.uint32)[:, None] * per
+           + start.astype(jnp.uint32) + jnp.arange(chunk, dtype=jnp.uint32))
+    block = jax.vmap(jax.vmap(draw_row))(ids)  # [groups, chunk, d]
+    return jax.lax.dynamic_update_slice(table, block, (0, start, 0))
+
+  # The loop overwrites every row of its carry, in place. A constant start
+  # (zeros) would be shared by tables of one shape, built once and copied:
+  # a table-sized temporary. A value of this table's key keeps it its own.
+  first = jax.random.key_data(key).ravel()[0].astype(dtype)
+  table = jax.lax.fori_loop(0, -(-per // chunk), fill,
+                            jnp.broadcast_to(first, (groups, per, dim)))
+  return table.reshape(rows, dim)
 
 
 def lookup(table: jax.Array, ids: jax.Array, weight: jax.Array,
@@ -128,6 +186,7 @@ class RowOptimizer:
     initial_accumulator: Adagrad accumulators' start (optax's default 0.1).
     eps: added under the square root (Adagrad) or to the denominator (Adam).
     b1, b2: Adam's moment decays.
+    l1, l2, beta: FTRL's regularisation strengths and its beta.
   """
 
   kind: str
@@ -136,6 +195,9 @@ class RowOptimizer:
   eps: float = 1e-7
   b1: float = 0.9
   b2: float = 0.999
+  l1: float = 0.0
+  l2: float = 0.0
+  beta: float = 0.0
 
   def __post_init__(self):
     if self.kind not in SLOTS:
@@ -147,7 +209,10 @@ class RowOptimizer:
     """From config.optim (embed_optimizer, embed_lr, embed_*)."""
     return cls(kind=optim.embed_optimizer, lr=optim.embed_lr,
                initial_accumulator=optim.embed_initial_accumulator,
-               eps=optim.embed_eps, b1=optim.embed_b1, b2=optim.embed_b2)
+               eps=optim.embed_eps, b1=optim.embed_b1, b2=optim.embed_b2,
+               # .get: configs saved before FTRL existed.
+               l1=optim.get("embed_l1", 0.0), l2=optim.get("embed_l2", 0.0),
+               beta=optim.get("embed_beta", 0.0))
 
   def init(self, table: jax.Array) -> Slots:
     """Zero-cost slots for one table ({} for SGD)."""
@@ -161,6 +226,10 @@ class RowOptimizer:
     if self.kind == "lazy_adam":
       return {"m": jnp.zeros(table.shape, jnp.float32),
               "v": jnp.zeros(table.shape, jnp.float32)}
+    if self.kind == "ftrl":
+      return {"z": jnp.zeros(table.shape, jnp.float32),
+              "n": jnp.full(table.shape, self.initial_accumulator,
+                            jnp.float32)}
     return {}
 
   def update_rows(self, rows: jax.Array, grads: jax.Array, slots: Slots,
@@ -177,6 +246,8 @@ class RowOptimizer:
       if self.kind == "rowwise_adagrad":
         scale = scale[:, None]
       return rows - self.lr * grads * scale, {"accumulator": acc}
+    if self.kind == "ftrl":
+      return self._ftrl(rows, grads, slots)
     m = self.b1 * slots["m"] + (1 - self.b1) * grads
     v = self.b2 * slots["v"] + (1 - self.b2) * jnp.square(grads)
     t = count.astype(jnp.float32)
@@ -184,6 +255,16 @@ class RowOptimizer:
     v_hat = v / (1 - self.b2 ** t)
     return rows - self.lr * m_hat / (jnp.sqrt(v_hat) + self.eps), {"m": m,
                                                                      "v": v}
+
+  def _ftrl(self, rows: jax.Array, grads: jax.Array,
+            slots: Slots) -> tuple[jax.Array, Slots]:
+    n = slots["n"] + jnp.square(grads)
+    sigma = (jnp.sqrt(n) - jnp.sqrt(slots["n"])) / self.lr
+    z = slots["z"] + grads - sigma * rows
+    quadratic = (self.beta + jnp.sqrt(n)) / self.lr + 2 * self.l2
+    w = jnp.where(jnp.abs(z) <= self.l1, 0.0,
+                  -(z - jnp.sign(z) * self.l1) / quadratic)
+    return w, {"z": z, "n": n}
 
   def apply(self, table: jax.Array, slots: Slots, found: Lookup,
             grads: jax.Array, count: jax.Array) -> tuple[jax.Array, Slots]:
