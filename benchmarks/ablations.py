@@ -4,6 +4,8 @@ r"""The papers' ablations, run and tabulated: does csctr reproduce the claims?
   python benchmarks/ablations.py --mode=quick
   # Accelerator: longer runs, bigger data, data seeds vary too.
   python benchmarks/ablations.py --mode=full --out_dir=/tmp/ablations_full
+  # The sparse long-tail log (configs/sparse.py): CSCNN, no image, cold start.
+  python benchmarks/ablations.py --mode=sparse --out_dir=docs/sparse
 
 Grid: {no_image, late_fusion_random, late_fusion, none, se, cbam,
 cscnn_channel, cscnn_spatial, cscnn} x {synthetic, fashion_mnist} x seeds,
@@ -76,7 +78,12 @@ class Mode:
   dicm_overrides: dict[str, Any]
   base: dict[str, str] = dataclasses.field(default_factory=lambda: {
       "synthetic": "default", "fashion_mnist": "fashion_mnist",
-      "dicm": "dicm"})
+      "dicm": "dicm", "sparse": "sparse"})
+  # The grid main() runs by default, and the README table it rewrites.
+  datasets: tuple[str, ...] = results.DATASETS
+  variants: tuple[str, ...] = results.PAPER_VARIANTS
+  dicm: bool = True
+  readme_key: str = "ablations"
 
 
 _ONE_EVAL = {"eval_every": 0, "checkpoint_every": 0, "keep_checkpoints": 1}
@@ -120,6 +127,15 @@ MODES = {
                         "synthetic.num_impressions": 1_000_000,
                         "synthetic.num_items": 10_000,
                         "synthetic.num_users": 10_000}),
+    # The sparse long-tail log (configs/sparse.py as written: its own steps,
+    # validation evals, best-checkpoint test eval), CSCNN against the
+    # no-image model (with the config's id dropout, and without) and the
+    # baselines, and CSCNN with the content back-off.
+    "sparse": Mode(
+        "sparse", seeds=3, dicm_seeds=0, vary_data_seed=False, overrides={},
+        dicm_overrides={}, datasets=("sparse",),
+        variants=("no_image", "no_image_full_ids", "cscnn", "cscnn_backoff"),
+        dicm=False, readme_key="sparse"),
 }
 
 
@@ -159,7 +175,8 @@ def cell_overrides(cell: Cell, mode: Mode) -> dict[str, Any]:
   out["seed"] = cell.seed
   out["data.shuffle_seed"] = cell.seed
   if mode.vary_data_seed:
-    source = "fashion_mnist" if cell.dataset == "fashion_mnist" else "synthetic"
+    source = (cell.dataset if cell.dataset in ("fashion_mnist", "sparse")
+              else "synthetic")
     out[f"{source}.seed"] = cell.seed
   return out
 
@@ -271,11 +288,11 @@ def run_grid(cells: Sequence[Cell], mode: Mode, out_dir: str, work_root: str,
         "baselines": {name: {k: values.get(k) for k in results.METRICS}
                       for name, values in record.get("baselines", {}).items()}}
     result["run_wall_s"] = sum(r["wall_s"] for r in result["runs"].values())
-    results.write_outputs(result, out_dir, figure, readme)
+    results.write_outputs(result, out_dir, figure, readme, mode.readme_key)
     log(f"[{i + 1}/{len(cells)}] {cell.key}: auc={record.get('auc'):.4f} "
         f"cold_auc={record.get('cold_auc'):.4f} ({wall:.0f}s)")
   result["run_wall_s"] = sum(r["wall_s"] for r in result["runs"].values())
-  results.write_outputs(result, out_dir, figure, readme)
+  results.write_outputs(result, out_dir, figure, readme, mode.readme_key)
   return result
 
 
@@ -297,8 +314,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="run workdirs (checkpoints) go under here")
   parser.add_argument("--data_dir", default="",
                       help="prepared-dataset cache (default: csctr's)")
-  parser.add_argument("--datasets", default=",".join(results.DATASETS))
-  parser.add_argument("--variants", default=",".join(results.VARIANTS))
+  parser.add_argument("--datasets", default="",
+                      help="comma-separated (default: the mode's)")
+  parser.add_argument("--variants", default="",
+                      help="comma-separated (default: the mode's)")
   parser.add_argument("--no_dicm", action="store_true")
   parser.add_argument("--readme", default=os.path.join(
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
@@ -315,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   mode = MODES[args.mode]
-  cells = grid(mode, args.datasets.split(","), args.variants.split(","),
-               dicm=not args.no_dicm)
+  cells = grid(mode, (args.datasets or ",".join(mode.datasets)).split(","),
+               (args.variants or ",".join(mode.variants)).split(","),
+               dicm=mode.dicm and not args.no_dicm)
   work_root = os.path.join(args.work_root, mode.name)
   start = time.perf_counter()
   result = run_grid(cells, mode, args.out_dir, work_root,

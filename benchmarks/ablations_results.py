@@ -22,6 +22,9 @@ METRICS = ("auc", "gauc", "cold_auc", "logloss")
 # csctr/training/baselines.py's, listed first in every table.
 BASELINES = ("popularity", "item_ctr", "user_category", "id_lr")
 DATASETS = ("synthetic", "fashion_mnist")
+# Every benchmark a table can hold, in table order (sparse: configs/sparse.py,
+# run by benchmarks/ablations.py --mode=sparse).
+ALL_DATASETS = DATASETS + ("sparse",)
 # Grid rows, weakest first. Values are config.model overrides; encoder_init
 # is filled in by the runner (the workdir of the same seed's `none` run).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -35,7 +38,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cscnn_channel": {"attention": "cscnn_channel"},
     "cscnn_spatial": {"attention": "cscnn_spatial"},
     "cscnn": {"attention": "cscnn"},
+    # Sparse benchmark extras: the no-image model without the config's id
+    # dropout, and CSCNN with the content back-off (config.model.item_backoff;
+    # the config's id dropout trains the OOV row and the projection).
+    "no_image_full_ids": {"use_image": False, "id_dropout": 0.0},
+    "cscnn_backoff": {"attention": "cscnn", "item_backoff": True},
 }
+# The papers' grid (the default --variants): the sparse extras are not in it.
+PAPER_VARIANTS = tuple(v for v in VARIANTS
+                       if v not in ("no_image_full_ids", "cscnn_backoff"))
 DICM_VARIANTS: dict[str, dict[str, Any]] = {
     f"dicm_{p}": {"attention": "cscnn", "behavior_pooling": p}
     for p in ("none", "sum", "max", "attentive", "multi_query")}
@@ -58,6 +69,11 @@ CLAIMS: tuple[tuple[str, ...], ...] = (
     ("images help (CSCNN vs no image)", "cscnn", "no_image"),
     ("images help cold items more (Δ of cold AUC − AUC)", "cscnn",
      "no_image", "cold_gap"),
+    *((f"CSCNN beats the {b} baseline", "cscnn", f"baseline_{b}")
+      for b in BASELINES),
+    ("images help (CSCNN vs no image without id dropout)", "cscnn",
+     "no_image_full_ids"),
+    ("content back-off helps", "cscnn_backoff", "cscnn"),
     ("behaviour images add on top (sum)", "dicm_sum", "dicm_none"),
     ("behaviour images add on top (max)", "dicm_max", "dicm_none"),
     ("behaviour images add on top (attentive)", "dicm_attentive", "dicm_none"),
@@ -96,8 +112,8 @@ def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
   rows = []
   for (dataset, variant), members in sorted(
       groups.items(), key=lambda kv: (
-          (list(DATASETS) + ["dicm"]).index(kv[0][0])
-          if kv[0][0] in list(DATASETS) + ["dicm"] else 99,
+          (list(ALL_DATASETS) + ["dicm"]).index(kv[0][0])
+          if kv[0][0] in list(ALL_DATASETS) + ["dicm"] else 99,
           order.get(kv[0][1], 99), kv[0][1])):
     row = {"dataset": dataset, "variant": variant,
            "seeds": sorted(m["seed"] for m in members),
@@ -115,19 +131,26 @@ def paired_difference(runs: dict[str, dict[str, Any]], dataset: str,
   """Mean and std over seeds of metric(better) - metric(worse), same seed.
 
   Pairing by seed removes what the two runs share (data, batch order), so it
-  resolves smaller differences than comparing the two means.
+  resolves smaller differences than comparing the two means. `worse` may be
+  'baseline_<name>': the baseline scored beside the better run's seed.
   """
   by_seed: dict[str, dict[int, float]] = {better: {}, worse: {}}
   for run in runs.values():
-    if run["dataset"] == dataset and run["variant"] in by_seed:
-      record = run["record"]
+    if run["dataset"] != dataset:
+      continue
+    records = {run["variant"]: run["record"]}
+    records.update({f"baseline_{name}": values for name, values in
+                    run.get("baselines", {}).items()})
+    for variant, record in records.items():
+      if variant not in by_seed:
+        continue
       if metric == "cold_gap":
         cold, auc = record.get("cold_auc"), record.get("auc")
         value = None if cold is None or auc is None else cold - auc
       else:
         value = record.get(metric)
       if value is not None and np.isfinite(value):
-        by_seed[run["variant"]][run["seed"]] = value
+        by_seed[variant][run["seed"]] = value
   seeds = sorted(set(by_seed[better]) & set(by_seed[worse]))
   return mean_std(by_seed[better][s] - by_seed[worse][s] for s in seeds)
 
@@ -167,8 +190,10 @@ def verdict(mean: float, std: float, n: int) -> str:
 
 def claims_table(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
   rows = []
+  present = [d for d in ALL_DATASETS
+             if any(r["dataset"] == d for r in runs.values())]
   for name, better, worse, *metric in CLAIMS:
-    datasets = ("dicm",) if better.startswith("dicm") else DATASETS
+    datasets = ("dicm",) if better.startswith("dicm") else present
     metrics = metric or ["auc", "cold_auc"]
     for dataset in datasets:
       entry = {"claim": name, "dataset": dataset, "better": better,
@@ -251,9 +276,10 @@ def _model_tables(rows: list[dict[str, Any]]) -> list[str]:
   """One Markdown table of every model's metrics per benchmark."""
   titles = {"synthetic": "Synthetic (default config)",
             "fashion_mnist": "Fashion-MNIST (configs/fashion_mnist.py)",
+            "sparse": "Sparse long-tail log (configs/sparse.py)",
             "dicm": "DICM behaviour images (synthetic with behaviour lists)"}
   lines = []
-  for dataset in ("synthetic", "fashion_mnist", "dicm"):
+  for dataset in ALL_DATASETS + ("dicm",):
     sub = [r for r in rows if r["dataset"] == dataset]
     if not sub:
       continue
@@ -296,8 +322,13 @@ def _claims_lines(claims: list[dict[str, Any]]) -> list[str]:
   return lines
 
 
-README_BEGIN = "<!-- ablations table: generated by benchmarks/ablations.py -->"
-README_END = "<!-- end of ablations table -->"
+def readme_markers(key: str = "ablations") -> tuple[str, str]:
+  """The README lines around a mode's table (each mode keeps its own)."""
+  return (f"<!-- {key} table: generated by benchmarks/ablations.py -->",
+          f"<!-- end of {key} table -->")
+
+
+README_BEGIN, README_END = readme_markers()
 # results.md from this line on is written by hand (other experiments' results,
 # e.g. the OOV-row runs of docs/scaling.md) and kept when the tables are.
 KEEP_MARKER = "<!-- not generated: kept by benchmarks/ablations.py -->"
@@ -305,10 +336,11 @@ KEEP_MARKER = "<!-- not generated: kept by benchmarks/ablations.py -->"
 
 def readme_table(rows: list[dict[str, Any]]) -> str:
   """The README's compact table: AUC and cold AUC per variant and dataset."""
-  datasets = [d for d in ("synthetic", "fashion_mnist")
+  datasets = [d for d in ALL_DATASETS
               if any(r["dataset"] == d for r in rows)]
   by_key = {(r["dataset"], r["variant"]): r for r in rows}
-  variants = [v for v in VARIANTS if any((d, v) in by_key for d in datasets)]
+  variants = [v for v in [f"baseline_{b}" for b in BASELINES] + list(VARIANTS)
+              if any((d, v) in by_key for d in datasets)]
   head = "| model | " + " | ".join(
       f"{d} AUC | {d} cold AUC" for d in datasets) + " |"
   lines = [head, "|---" * (1 + 2 * len(datasets)) + "|"]
@@ -317,7 +349,8 @@ def readme_table(rows: list[dict[str, Any]]) -> str:
     cells = []
     for d in datasets:
       if v == "bayes":
-        ref = next(r for r in rows if r["dataset"] == d)
+        ref = next(r for r in rows if r["dataset"] == d  # a model row
+                   and not r["variant"].startswith("baseline_"))
         cold = ref.get("bayes_auc_cold", empty)
         cells += [_fmt(dict(ref["bayes_auc"], std=float("nan")), 3),
                   _fmt(dict(cold, std=float("nan")), 3)]
@@ -329,16 +362,17 @@ def readme_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def update_readme(path: str, table: str) -> bool:
-  """Replaces the text between the README's markers; False if they are absent."""
+def update_readme(path: str, table: str, key: str = "ablations") -> bool:
+  """Replaces the text between the README's `key` markers; False if absent."""
+  begin, end = readme_markers(key)
   with open(path) as f:
     text = f.read()
-  if README_BEGIN not in text or README_END not in text:
+  if begin not in text or end not in text:
     return False
-  head, rest = text.split(README_BEGIN, 1)
-  _, tail = rest.split(README_END, 1)
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
   with open(path, "w") as f:
-    f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+    f.write(f"{head}{begin}\n{table}\n{end}{tail}")
   return True
 
 
@@ -347,7 +381,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  datasets = [d for d in ("synthetic", "fashion_mnist", "dicm")
+  datasets = [d for d in ALL_DATASETS + ("dicm",)
               if any(r["dataset"] == d for r in rows)]
   fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4),
                            squeeze=False)
@@ -381,7 +415,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def write_outputs(result: dict[str, Any], out_dir: str,
-                  figure: bool = True, readme: str = "") -> None:
+                  figure: bool = True, readme: str = "",
+                  readme_key: str = "ablations") -> None:
   """Aggregates result['runs'] and (re)writes JSON, Markdown and the chart.
 
   With `readme`, also the table between that file's README_BEGIN/END markers,
@@ -407,4 +442,4 @@ def write_outputs(result: dict[str, Any], out_dir: str,
   with open(path, "w") as f:
     f.write(markdown(result) + kept)
   if readme and result["summary"]:
-    update_readme(readme, readme_table(result["summary"]))
+    update_readme(readme, readme_table(result["summary"]), readme_key)

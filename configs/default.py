@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   field's default lives here and nowhere else.
   """
   config = ml_collections.ConfigDict()
-  config.dataset = "synthetic"  # synthetic | fashion_mnist | byod | amazon
+  config.dataset = "synthetic"  # synthetic | sparse | fashion_mnist | byod | amazon
   config.byod_path = ""  # directory with items.csv, impressions.csv, images
   # Where prepared ArrayRecord shards are cached ('' -> $CSCTR_DATA_DIR or
   # ~/.cache/csctr). Each dataset config hashes to its own subdirectory.
@@ -88,6 +88,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Impressions generated and packed at a time: bounds prepare's memory
   # (partial image groups carry over to the next chunk, csctr/data/prepare.py).
   config.synthetic.chunk_size = 1 << 18
+
+  # The sparse long-tail log (csctr/data/sparse_log.py, configs/sparse.py).
+  config.sparse = ml_collections.ConfigDict()
+  config.sparse.num_items = 20_000  # each shown 1-5 times in the whole log
+  config.sparse.tail_exponent = 1.0  # P(n impressions) ~ n^-tail_exponent
+  config.sparse.num_users = 2_000
+  config.sparse.num_categories = 100
+  config.sparse.test_fraction = 0.2
+  config.sparse.cold_item_fraction = 0.1  # items introduced only in test
+  config.sparse.negative_keep_rate = 0.25  # non-clicks kept in the log
+  config.sparse.base_logit = -3.0  # before negative sampling
+  config.sparse.visual_weight = 1.5
+  config.sparse.seed = 0
+  config.sparse.chunk_size = 1 << 16
 
   config.fashion_mnist = ml_collections.ConfigDict()
   config.fashion_mnist.path = "/usr/share/datasets/fashion-mnist"

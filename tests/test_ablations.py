@@ -245,3 +245,41 @@ def test_baselines_appear_once_per_seed_beside_the_models(tmp_path):
       np.mean([0.55 + 0.01 * s for s in seeds]))
   assert list(rows)[0] == "baseline_item_ctr"  # baselines first
   assert "baseline_item_ctr" in results.markdown(result)
+  # Baselines are paired with the model run of the same seed.
+  claims = {c["claim"]: c for c in result["claims"]}
+  gap = claims["CSCNN beats the item_ctr baseline"]["auc"]
+  diffs = [0.6 + QUALITY["cscnn"] + 0.002 * s - (0.55 + 0.01 * s)
+           for s in seeds]
+  assert gap["mean"] == pytest.approx(np.mean(diffs))
+  assert gap["std"] == pytest.approx(np.std(diffs, ddof=1))
+
+
+def test_sparse_mode_runs_its_own_grid_and_readme_table(tmp_path):
+  mode = ablations.MODES["sparse"]
+  cells = ablations.grid(mode, mode.datasets, mode.variants, dicm=mode.dicm)
+  assert {c.dataset for c in cells} == {"sparse"}
+  assert len(cells) == mode.seeds * len(mode.variants)
+  config = ablations.make_config(cells[0], mode)
+  assert config.dataset == "sparse" and config.data.batching == "auto"
+  assert config.data.validation_fraction > 0
+  readme = tmp_path / "README.md"
+  begin, end = results.readme_markers("sparse")
+  readme.write_text(f"{results.README_BEGIN}\nA\n{results.README_END}\n"
+                    f"{begin}\nB\n{end}\n")
+  assert results.update_readme(str(readme), "T", "sparse")
+  assert readme.read_text() == (f"{results.README_BEGIN}\nA\n"
+                                f"{results.README_END}\n{begin}\nT\n{end}\n")
+  # Baselines lead the table; the Bayes row comes from a model row.
+  nan = {"mean": float("nan"), "std": float("nan")}
+  rows = [{"dataset": "sparse", "variant": "baseline_id_lr",
+           "auc": {"mean": 0.59, "std": 0.0},
+           "cold_auc": {"mean": 0.58, "std": 0.0}, "bayes_auc": nan,
+           "bayes_auc_cold": nan},
+          {"dataset": "sparse", "variant": "cscnn",
+           "auc": {"mean": 0.6, "std": 0.01},
+           "cold_auc": {"mean": 0.61, "std": 0.01},
+           "bayes_auc": {"mean": 0.79, "std": 0.0},
+           "bayes_auc_cold": {"mean": 0.8, "std": 0.0}}]
+  lines = results.readme_table(rows).splitlines()
+  assert lines[2] == "| baseline_id_lr | 0.590 ± 0.000 | 0.580 ± 0.000 |"
+  assert lines[-1] == "| Bayes-optimal | 0.790 | 0.800 |"

@@ -8,8 +8,8 @@ from csctr.data import synthetic
 
 
 def test_every_config_dataset_is_registered():
-  assert set(registry.names()) == {"synthetic", "fashion_mnist", "byod",
-                                   "amazon"}
+  assert set(registry.names()) == {"synthetic", "sparse", "fashion_mnist",
+                                   "byod", "amazon"}
   with pytest.raises(ValueError, match="unknown dataset 'mnist': synthetic"):
     registry.get("mnist")
 

@@ -141,6 +141,8 @@ def _byod_key(config: Config) -> dict[str, Any]:
 
 register(Dataset("synthetic", "synthetic", _section("synthetic"),
                  cheap_source=True))
+register(Dataset("sparse", "sparse_log", _section("sparse"),
+                 cheap_source=True))
 register(Dataset("fashion_mnist", "fashion_mnist", _section("fashion_mnist")))
 register(Dataset("byod", "byod", _byod_key))
 # The Amazon protocol reads a BYOD directory that data/amazon/convert.py wrote.

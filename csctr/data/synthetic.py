@@ -136,7 +136,7 @@ class ImpressionSimulator:
     item_counts = np.zeros(n, np.int64)
     user_counts = np.zeros(num_users, np.int64)
     for index, start, end in self._ranges("train"):
-      _, users, drawn = self._draw(index, end - start, "train")
+      _, users, drawn = self._draw(index, start, end, "train")
       item_counts += np.bincount(drawn, minlength=n)
       user_counts += np.bincount(users, minlength=num_users)
     self.is_cold = item_counts == 0
@@ -181,17 +181,24 @@ class ImpressionSimulator:
     if split == "train":
       self._buffer_after_train = buffer.copy()
 
-  def _draw(self, index, n, split):
+  def _draw(self, index, start, end, split):
     """(rng, users, items) of chunk `index`; the rng continues from there."""
     rng = np.random.default_rng([self.seed, _CHUNKS, index])
-    users = np.searchsorted(self._user_cdf, rng.random(n)).astype(np.int32)
-    items = np.searchsorted(self._cdf[split], rng.random(n)).astype(np.int32)
-    return rng, users, items
+    users = np.searchsorted(self._user_cdf,
+                            rng.random(end - start)).astype(np.int32)
+    return rng, users, self._draw_items(rng, split, start, end)
+
+  def _draw_items(self, rng, split, start, end):
+    """Items of impressions start..end: popularity draws (a subclass may
+    schedule them instead, csctr/data/sparse_log.py)."""
+    # Every draw is independent of time within a split.
+    return np.searchsorted(self._cdf[split],
+                           rng.random(end - start)).astype(np.int32)
 
   def _chunk(self, split, index, start, end, buffer):
     m, it = self.model, self.items
     n = end - start
-    rng, users, items = self._draw(index, n, split)
+    rng, users, items = self._draw(index, start, end, split)
     position = rng.integers(0, m.num_positions, n).astype(np.int32)
     cat = it.category[items]
     logit = (m.base_logit + self.user_bias[users] + self.affinity[users, cat]
@@ -310,13 +317,11 @@ def sample_items(num_items: int, num_categories: int, cold_fraction: float,
   return items, img
 
 
-def render(img: ImageLatents, rows: np.ndarray, size: int,
-           rng: np.random.Generator) -> np.ndarray:
-  """Draws items `rows` as uint8 [m, size, size, 3] (vectorised)."""
-  s, m = size, len(rows)
+def shape_masks(img: ImageLatents, rows: np.ndarray,
+                size: int) -> np.ndarray:
+  """bool [m, size, size]: where each item's product shape lies."""
+  s = size
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
-  out = img.background[rows][:, None, None, :] + rng.normal(
-      0, 0.03, (m, s, s, 1)).astype(np.float32)
   cx = (0.5 + img.offset[rows, 0])[:, None, None] * s
   cy = (0.5 + img.offset[rows, 1])[:, None, None] * s
   r = img.radius[rows][:, None, None] * s
@@ -325,7 +330,16 @@ def render(img: ImageLatents, rows: np.ndarray, size: int,
                     np.maximum(dx, dy) < 0.85 * r,  # square
                     dx + dy < 1.2 * r,  # diamond
                     (np.minimum(dx, dy) < 0.4 * r) & (np.maximum(dx, dy) < r)])
-  mask = np.take_along_axis(masks, img.shape[rows][None, :, None, None], 0)[0]
+  return np.take_along_axis(masks, img.shape[rows][None, :, None, None], 0)[0]
+
+
+def render(img: ImageLatents, rows: np.ndarray, size: int,
+           rng: np.random.Generator) -> np.ndarray:
+  """Draws items `rows` as uint8 [m, size, size, 3] (vectorised)."""
+  s, m = size, len(rows)
+  out = img.background[rows][:, None, None, :] + rng.normal(
+      0, 0.03, (m, s, s, 1)).astype(np.float32)
+  mask = shape_masks(img, rows, size)
   out = np.where(mask[..., None], img.colour[rows][:, None, None, :], out)
   p, margin, half = max(2, s // 4), max(1, round(0.03 * s)), max(1, s // 16)
   stripes = ((np.arange(p) // half) % 2) * 2.0 - 1.0  # vertical, +-1
