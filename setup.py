@@ -4,7 +4,7 @@ import setuptools
 
 _BEAM = ["apache-beam[gcp]>=2.77,<3", "pyarrow>=14,<26", "psutil>=5.9,<8"]
 # python -m csctr.serve (HTTP parser, event loop, JSON) and the load
-# generator of benchmarks/serving_load.py (aiohttp).
+# clients of benchmarks/http_stacks.py (aiohttp).
 _SERVE = ["httptools>=0.6,<1", "orjson>=3.9,<4",
           "uvloop>=0.19,<1; sys_platform != 'win32'", "aiohttp>=3.9,<4"]
 

@@ -146,13 +146,18 @@ def test_one_variable_configures_every_client(emulator):
   assert proc.stdout.split()[:2] == ["OK", "3"]
 
 
+@pytest.mark.parametrize("items_file", ["items.csv", "items.parquet"])
 def test_a_byod_directory_in_a_bucket_reads_as_on_disk(storage, tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch,
+                                                        items_file):
   from csctr.data import registry  # pylint: disable=g-import-not-at-top
   from test_byod import collect, make_config, make_dataset  # pylint: disable=g-import-not-at-top
   local = make_dataset(tmp_path / "byod")
-  url = f"gs://{BUCKET}/byod"
-  storage.upload_dir(str(local), url, "items.csv")
+  if items_file == "items.parquet":  # image bytes inside, no items.csv
+    from test_beam_prepare import write_items_parquet  # pylint: disable=g-import-not-at-top
+    write_items_parquet(local)
+  url = f"gs://{BUCKET}/byod-{items_file}"
+  storage.upload_dir(str(local), url, items_file)
   monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
   sources = []
   for path in (str(local), url):

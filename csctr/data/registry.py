@@ -109,10 +109,16 @@ def _with_local_byod(config: Config) -> Config:
   dataset key (which holds the CSVs' sizes and times), so an edited bucket
   gets a fresh copy, not a stale one.
   """
+  from csctr.data import byod  # pylint: disable=g-import-not-at-top
   from csctr.data import prepared  # pylint: disable=g-import-not-at-top
   digest = prepared.cache_path("", dataset_key(config)).rsplit("-", 1)[-1]
+  # The items file (items.csv, else items.parquet) is the commit file: a
+  # directory is whole once the uploader wrote it.
+  items = next((f for f in byod.ITEMS_FILES
+                if storage.exists(storage.join(config.byod_path, f))),
+               byod.ITEMS_FILE)
   local = storage.local_mirror(
-      config.byod_path, "items.csv",
+      config.byod_path, items,
       root=os.path.join(storage.cache_root(), f"byod-{digest}"))
   config = config.copy_and_resolve_references()
   config.byod_path = local
