@@ -108,7 +108,7 @@ def _conv_to_one_map_bwd(residuals, dy):
 
 
 @jax.custom_vjp
-def conv_to_one_map(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _conv_to_one_map(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """SAME (zero-padded) kxk cross-correlation of x [U, H, W, c] to [U, H, W, 1].
 
   Equal to lax.conv_general_dilated(x, kernel, 1, 'SAME') with an HWIO
@@ -124,7 +124,10 @@ def conv_to_one_map(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _conv_to_one_map_fwd(x, kernel)[0]
 
 
-conv_to_one_map.defvjp(_conv_to_one_map_fwd, _conv_to_one_map_bwd)
+_conv_to_one_map.defvjp(_conv_to_one_map_fwd, _conv_to_one_map_bwd)
+# Jitted: called eagerly (colabs/attention_maps.ipynb), the loops' bodies
+# would otherwise be traced and compiled again on every call.
+conv_to_one_map = jax.jit(_conv_to_one_map)
 
 
 @dataclasses.dataclass(frozen=True)
