@@ -12,7 +12,7 @@ Model and top-level fields go by their bare name, any other by its dotted
 path; booleans are true/false/1/0, tuples (a,b); a typo is an error.
 
 Measured here (2 shared CPU cores, jax 0.10.2, 2000 steps): test AUC 0.707,
-cold-item AUC 0.736, Bayes AUC 0.793 (115 s wall at load 1.5-2 with round
+cold-item AUC 0.733, Bayes AUC 0.793 (103 s wall at load ~1 with round
 2's code; 46 s, ~15 s of it compiling, with round 1's).
 The no-image baseline (`:use_image=False`, 17 s): AUC 0.597, cold AUC 0.576.
 Seed-averaged ablations: docs/results.md (benchmarks/ablations.py).
