@@ -46,6 +46,7 @@ from csctr.serving import schema
 from csctr.serving import scorer as scorer_lib
 from csctr.serving import table as table_lib
 from csctr.serving.batcher import MicroBatcher
+from csctr.serving import version as version_lib
 from csctr.serving.version import Version
 
 
@@ -130,8 +131,7 @@ class Service:
                          step, self._table_root(), self.version.key)
           return False
         table = export_lib.EmbeddingTable(path)
-      key = (step, table.path if table else None,
-             table_lib.created_time(table.path) if table else None)
+      key = version_lib.version_key(step, table)
       if self.version is not None and self.version.key == key:
         return False
       if self._vocabs is None:
@@ -145,7 +145,7 @@ class Service:
       start = time.perf_counter()
       scorer = scorer_lib.Scorer(model, run_config.model, info, table,
                                  self.serving_config, step)
-      version = Version(scorer, self._vocabs, "item_id")
+      version = Version(scorer, self._vocabs, "item_id", key)
       old, self.version = self.version, version  # the swap
       self.metrics.replace("csctr_version_info", 1,
                            model_version=version.model_version,

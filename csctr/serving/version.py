@@ -20,18 +20,27 @@ from csctr.serving import scorer as scorer_lib
 from csctr.serving import table as table_lib
 
 
+def version_key(step: int, table: Any) -> tuple[Any, ...]:
+  """What identifies a version: checkpoint step, table path and its time.
+
+  The server compares it before building a new Version, so a reload that
+  finds nothing new builds nothing.
+  """
+  return (step, table.path if table else None,
+          table_lib.created_time(table.path) if table else None)
+
+
 class Version:
   """One servable model: head + table + vocabularies, immutable."""
 
   def __init__(self, scorer: scorer_lib.Scorer,
-               vocabs: dict[str, vocab_lib.Vocabulary], item_feature: str):
+               vocabs: dict[str, vocab_lib.Vocabulary], item_feature: str,
+               key: tuple[Any, ...]):
     self.scorer, self.vocabs, self.item_feature = scorer, vocabs, item_feature
     self.model_version = str(scorer.step)
     self.table_version = (os.path.basename(os.path.normpath(scorer.table.path))
                           if scorer.table is not None else "none")
-    table = scorer.table
-    self.key = (scorer.step, table.path if table else None,
-                table_lib.created_time(table.path) if table else None)
+    self.key = key  # version_key(), which the server computed to compare
 
   def _rows(self, name: str, values: list[str], field: str) -> np.ndarray:
     vocab = self.vocabs.get(name)
