@@ -104,15 +104,7 @@ class Vocabulary:
                        f"{len(self.counts)} counts")
     object.__setattr__(self, "_rows",
                        {r: i + 1 for i, r in enumerate(self.ids)})
-    # Ids that are all decimal integers (most logs) also get a sorted int
-    # index: lookup() then maps a request's ids without a dict call per id.
-    ints = decimal_ids(list(self.ids))
-    if ints is not None and len(ints):
-      order = np.argsort(ints, kind="stable")
-      object.__setattr__(self, "_int_index",
-                         (ints[order], (order + 1).astype(np.int32)))
-    else:
-      object.__setattr__(self, "_int_index", None)
+    object.__setattr__(self, "_int_index_cache", [])  # see _int_index
 
   @classmethod
   def build(cls, name: str, counts: Mapping[Any, int], min_count: int = 1,
@@ -147,7 +139,7 @@ class Vocabulary:
     """int32 rows of `raw_ids` (any iterable of ids; str() is applied)."""
     keys = raw_ids if isinstance(raw_ids, list) and set(
         map(type, raw_ids)) <= {str} else [str(r) for r in raw_ids]
-    index = self._int_index  # pytype: disable=attribute-error
+    index = self._int_index()
     ints = decimal_ids(keys) if index is not None else None
     if ints is not None:
       sorted_ids, sorted_rows = index
@@ -159,6 +151,23 @@ class Vocabulary:
     rows = np.fromiter(map(self._rows.get, keys, itertools.repeat(-1)),  # pytype: disable=attribute-error
                        np.int32, len(keys))
     return self._unknown(rows, keys)
+
+  def _int_index(self) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sorted int ids, their rows) if every kept id is a decimal integer.
+
+    Most logs' ids are; lookup() then maps them without a dict call per id.
+    Built on the first lookup, not in __init__: training builds large
+    vocabularies that it never looks up this way.
+    """
+    cache = self._int_index_cache  # pytype: disable=attribute-error
+    if not cache:
+      ints = decimal_ids(list(self.ids))
+      if ints is not None and len(ints):
+        order = np.argsort(ints, kind="stable")
+        cache.append((ints[order], (order + 1).astype(np.int32)))
+      else:
+        cache.append(None)
+    return cache[0]
 
   def _unknown(self, rows: np.ndarray, keys: list[str]) -> np.ndarray:
     """Fills rows < 0 (ids not kept): OOV, or their hash bucket."""
